@@ -1,0 +1,80 @@
+"""The command line. Thin: parse arguments, call one function per command, map errors to exit
+codes (2 for bad input, with one line per problem and no traceback)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+
+from lorakit.errors import LorakitError
+
+app = typer.Typer(
+    name="lorakit",
+    help="Fine-tune large language models with LoRA and QLoRA from YAML recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+F = TypeVar("F", bound=Callable)
+
+RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe key, e.g. --set train.learning_rate=1e-4"),
+]
+
+
+def user_errors(command: F) -> F:
+    """Turn LorakitError into `error: …` lines on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except LorakitError as exc:
+            for line in str(exc).splitlines():
+                print(f"error: {line}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command("train")
+@user_errors
+def train_command(
+    recipe: RecipeArg,
+    set_: SetOption = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing run folder.")
+    ] = False,
+) -> None:
+    """Fine-tune a model with (Q)LoRA as the recipe says; writes a run folder with the adapter."""
+    from lorakit.recipe import load_recipe
+    from lorakit.train import train
+
+    train(load_recipe(recipe, set_ or ()), overwrite=overwrite, console=console)
+
+
+@app.command("validate")
+@user_errors
+def validate_command(recipe: RecipeArg, set_: SetOption = None) -> None:
+    """Check a recipe, its model reference and its data files without loading a model."""
+    from lorakit.validate import validate
+
+    for line in validate(recipe, set_ or ()):
+        console.print(line)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""The trainable model: 4-bit base (bitsandbytes) + LoRA (peft) + gradient checkpointing.
+
+The only module that builds `BitsAndBytesConfig` and `LoraConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+
+from lorakit.errors import LorakitError
+from lorakit.recipe import LoraSection, QuantSection, Recipe
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ATTENTION_WORDS = ("attn", "attention")
+_MLP_WORDS = ("mlp", "feed_forward", "ffn")
+
+
+@cache
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bf16 matmul (AVX-512-BF16 or AMX); elsewhere bf16 is emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def choose_compute_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 where the hardware runs it fast, fp32 otherwise (bf16 is ~13x slower on
+    CPUs without AVX-512-BF16/AMX)."""
+    if setting != "auto":
+        return _DTYPES[setting]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_bnb_config(quant: QuantSection, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if not quant.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=getattr(torch, quant.bnb_4bit_quant_storage),
+    )
+
+
+def load_base_model(
+    recipe: Recipe, location: str, device: torch.device
+) -> tuple[PreTrainedModel, torch.dtype]:
+    """Load the frozen base: 4-bit when the recipe asks for it, else in the compute dtype."""
+    dtype = choose_compute_dtype(recipe.quant.bnb_4bit_compute_dtype, device)
+    kwargs = {}
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(
+        location,
+        quantization_config=build_bnb_config(recipe.quant, dtype),
+        dtype=dtype,
+        attn_implementation=recipe.model.attn_implementation,
+        trust_remote_code=recipe.model.trust_remote_code,
+        revision=recipe.model.revision,
+        **kwargs,
+    )
+    return model, dtype
+
+
+def keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:
+    """On CPUs with AVX-512-BF16, bitsandbytes repacks 4-bit weights in place the first time a
+    layer runs in eval mode without grad (e.g. a generation before training), and the repacked
+    path has no backward: training after it would silently stop gradients at every frozen
+    layer. A model that will be trained keeps the differentiable layout."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def linear_modules(model: PreTrainedModel) -> dict[str, str]:
+    """Every linear-like leaf module (Linear, Linear4bit, GPT-2's Conv1D) except the output
+    head, mapped to its group: `attention`, `mlp` or `other`."""
+    head = model.get_output_embeddings()
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if module is head or list(module.children()):
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            parents = name.split(".")[:-1]
+            if any(w in p for p in parents for w in _ATTENTION_WORDS):
+                found[name] = "attention"
+            elif any(w in p for p in parents for w in _MLP_WORDS):
+                found[name] = "mlp"
+            else:
+                found[name] = "other"
+    return found
+
+
+def resolve_target_modules(model: PreTrainedModel, target: list[str] | str) -> list[str]:
+    """Turn a preset (`all-linear`, `attention`, `mlp`) into module names for this
+    architecture, or check that every listed name matches a module."""
+    modules = linear_modules(model)
+    leaf_groups: dict[str, set[str]] = {}
+    for name, group in modules.items():
+        leaf_groups.setdefault(name.rsplit(".", 1)[-1], set()).add(group)
+    if isinstance(target, list):
+        for wanted in target:
+            if not any(n == wanted or n.endswith("." + wanted) for n in modules):
+                raise LorakitError(
+                    f"lora.target_modules: {wanted!r} matches no linear module of this model "
+                    f"(it has: {', '.join(sorted(leaf_groups))})"
+                )
+        return list(target)
+    names: set[str] = set()
+    for name, group in modules.items():
+        if target != "all-linear" and group != target:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        # A leaf name shared across groups (GPT-2's c_proj) needs its parent to be unambiguous.
+        names.add(leaf if len(leaf_groups[leaf]) == 1 else ".".join(name.split(".")[-2:]))
+    if not names:
+        raise LorakitError(f"lora.target_modules: preset {target!r} matches no module here")
+    return sorted(names)
+
+
+def build_lora_config(lora: LoraSection, target_modules: list[str]) -> LoraConfig:
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=target_modules,
+        bias=lora.bias,
+        layers_to_transform=lora.layers_to_transform,
+        modules_to_save=lora.modules_to_save,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+    )
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    base_parameters: int
+    trainable_parameters: int
+    quantization: str
+    compute_dtype: str
+    target_modules: list[str]
+    layers: str
+
+    @property
+    def trainable_percent(self) -> float:
+        return (
+            100.0 * self.trainable_parameters / (self.base_parameters + self.trainable_parameters)
+        )
+
+    def rows(self) -> list[tuple[str, str]]:
+        return [
+            ("base parameters", f"{self.base_parameters:,}"),
+            (
+                "trainable parameters",
+                f"{self.trainable_parameters:,} ({self.trainable_percent:.3f}%)",
+            ),
+            ("quantization", self.quantization),
+            ("compute dtype", self.compute_dtype),
+            ("target modules", ", ".join(self.target_modules)),
+            ("layers", self.layers),
+        ]
+
+
+def describe_quantization(quant: QuantSection) -> str:
+    if not quant.load_in_4bit:
+        return "none (plain LoRA)"
+    double = " + double quant" if quant.bnb_4bit_use_double_quant else ""
+    return f"4-bit {quant.bnb_4bit_quant_type}{double}"
+
+
+def build_trainable_model(
+    recipe: Recipe, location: str, device: torch.device
+) -> tuple[PeftModel, ModelSummary]:
+    """Base model (4-bit or not) with LoRA adapters attached and checkpointing set up."""
+    model, dtype = load_base_model(recipe, location, device)
+    keep_4bit_layers_differentiable(model)
+    targets = resolve_target_modules(model, recipe.lora.target_modules)
+    checkpointing = {"use_reentrant": False}
+    if recipe.quant.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing,
+        )
+    elif recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    model.config.use_cache = False
+    try:
+        peft_model = get_peft_model(model, build_lora_config(recipe.lora, targets))
+    except ValueError as exc:
+        raise LorakitError(f"lora: {str(exc).splitlines()[0]}") from None
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    layers = recipe.lora.layers_to_transform
+    summary = ModelSummary(
+        base_parameters=total - trainable,
+        trainable_parameters=trainable,
+        quantization=describe_quantization(recipe.quant),
+        compute_dtype=str(dtype).removeprefix("torch."),
+        target_modules=targets,
+        layers="all" if layers is None else ", ".join(map(str, layers)),
+    )
+    return peft_model, summary

@@ -1,0 +1,308 @@
+"""The recipe: one YAML file, validated once into a typed, frozen `Recipe`.
+
+This is the only module that knows YAML. Keys keep the names of the libraries they feed
+(PEFT's `LoraConfig`, transformers' `BitsAndBytesConfig`) so the library docs apply as written.
+Every problem is reported as one line ``file:line: dotted.key: what is wrong``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from lorakit.errors import LorakitError
+
+TARGET_PRESETS = ("all-linear", "attention", "mlp")
+OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    name_or_path: str = "smollm2-135m-instruct"
+    """A local Hugging Face folder, a `.gguf` file, a built-in alias, or a hub id (online)."""
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+class QuantSection(_Section):
+    load_in_4bit: bool = True
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    bnb_4bit_quant_storage: Literal["uint8", "float16", "bfloat16", "float32"] = "uint8"
+
+
+class LoraSection(_Section):
+    r: PositiveInt = 16
+    lora_alpha: float = Field(32, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    """A list of module names, or one of the presets `all-linear`, `attention`, `mlp`."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    layers_to_transform: list[NonNegativeInt] | None = None
+    modules_to_save: list[str] | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_preset(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, str) and value not in TARGET_PRESETS:
+            raise ValueError(
+                f"must be a list of module names or one of {', '.join(TARGET_PRESETS)}"
+            )
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module")
+        return value
+
+    @field_validator("layers_to_transform", mode="before")
+    @classmethod
+    def _one_layer_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int) else value
+
+
+class DatasetSpec(_Section):
+    path: str
+    """A .jsonl, .json, .csv or .parquet file (relative paths are relative to the working dir)."""
+    format: Literal["auto", "alpaca", "chat", "text"] = "auto"
+
+
+def _as_spec_list(value: Any) -> Any:
+    if isinstance(value, str | dict):
+        value = [value]
+    if isinstance(value, list):
+        return [{"path": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+class DataSection(_Section):
+    train: list[DatasetSpec]
+    validation: list[DatasetSpec] | None = None
+    val_split: float | None = Field(None, gt=0, lt=1)
+    """Hold out this fraction of the training rows for validation (when no `validation` files)."""
+    max_seq_len: PositiveInt = 512
+    train_on: Literal["completions", "all"] = "completions"
+    """`completions`: the loss covers responses only (prompt tokens masked); `all`: every token."""
+
+    @field_validator("train", "validation", mode="before")
+    @classmethod
+    def _accept_plain_paths(cls, value: Any) -> Any:
+        return _as_spec_list(value)
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> DataSection:
+        if not self.train:
+            raise ValueError("train: list at least one dataset")
+        if self.validation and self.val_split:
+            raise ValueError("set either validation (files) or val_split (a fraction), not both")
+        return self
+
+
+class TrainSection(_Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: PositiveInt | None = None
+    """Optimizer steps; overrides `epochs` when set."""
+    micro_batch_size: PositiveInt = 4
+    gradient_accumulation_steps: PositiveInt = 4
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal[OPTIMIZERS] = "paged_adamw_8bit"  # type: ignore[valid-type]
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    warmup_steps: NonNegativeInt | None = None
+    """Overrides `warmup_ratio` when set."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    gradient_checkpointing: bool = True
+    eval_steps: PositiveInt | None = None
+    """Evaluate every N optimizer steps (always before the first and after the last)."""
+    save_steps: PositiveInt | None = None
+    """Write a checkpoint every N optimizer steps (always at the end)."""
+    logging_steps: PositiveInt = 1
+
+
+class EvalSection(_Section):
+    sample_prompts: list[str] = []
+    """Prompts generated greedily before and after training, shown side by side."""
+    max_new_tokens: PositiveInt = 48
+
+
+class OutputSection(_Section):
+    dir: str
+    """The run folder; defaults to runs/<recipe file name>."""
+
+
+class Recipe(_Section):
+    model: ModelSection = ModelSection()
+    quant: QuantSection = QuantSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    output: OutputSection
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; raise LorakitError with one line per problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorakitError(f"{path}: recipe file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise LorakitError(f"{where}: malformed YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise LorakitError(f"{path}:1: a recipe is a mapping of sections (model, data, train, …)")
+    overridden = [_apply_override(raw, item) for item in overrides]
+    output = raw.get("output")
+    if output is None or (isinstance(output, dict) and "dir" not in output):
+        raw["output"] = {**(output or {}), "dir": f"runs/{path.stem}"}
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        lines = _describe_errors(exc, path, text, overridden)
+        raise LorakitError("\n".join(lines)) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise LorakitError(f"--set {item}: expected KEY=VALUE, e.g. train.learning_rate=1e-4")
+    parts = tuple(key.strip().split("."))
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise LorakitError(f"--set {item}: {part} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+    return parts
+
+
+def _describe_errors(
+    exc: ValidationError, path: Path, text: str, overridden: list[tuple[str, ...]]
+) -> list[str]:
+    lines: list[str] = []
+    seen: set[tuple] = set()
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        if loc in seen:
+            continue
+        seen.add(loc)
+        key = _dotted(loc) or "recipe"
+        if error["type"] == "extra_forbidden":
+            message = "unknown key" + _did_you_mean(loc)
+        elif error["type"] == "missing":
+            message = "missing required field"
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            if "input" in error and not isinstance(error["input"], dict | list):
+                message += f" (got {error['input']!r})"
+        if any(loc[: len(o)] == o for o in overridden):
+            where = "--set"
+        else:
+            line = _line_of(text, loc)
+            where = f"{path}:{line}" if line else str(path)
+        lines.append(f"{where}: {key}: {message}")
+    return lines
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _section_class(loc: tuple) -> type[BaseModel] | None:
+    """The schema class that owns the last key of `loc`."""
+    cls: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        inner = _model_in(field.annotation)
+        if inner is None:
+            return None
+        cls = inner
+    return cls
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _did_you_mean(loc: tuple) -> str:
+    cls = _section_class(loc)
+    if cls is None or not isinstance(loc[-1], str):
+        return ""
+    close = difflib.get_close_matches(loc[-1], list(cls.model_fields), n=1, cutoff=0.5)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (valid keys: {', '.join(cls.model_fields)})"
+
+
+def _line_of(text: str, loc: tuple) -> int | None:
+    """1-based line of the YAML node at `loc`, or of its nearest existing parent."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = 1
+    for part in loc:
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == part:
+                    line = key_node.start_mark.line + 1
+                    child = value_node
+                    break
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
+            child = node.value[part]
+            line = child.start_mark.line + 1
+        if child is None:
+            break
+        node = child
+    return line

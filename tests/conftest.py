@@ -1,0 +1,174 @@
+"""Tiny models and tokenizers built in the test session (no downloads), and small datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Water boils at one hundred degrees. Ice melts at zero degrees.",
+    "Arr matey, the sea be wide and the wind be strong! Yo ho ho!",
+    "Translate, summarize, classify, answer: instruction input output response.",
+    "### Instruction:\n### Input:\n### Response:\n",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'\"-()[]{}",
+    "user assistant system hello what is the color of the sky? blue green red",
+]
+
+FACTS = [
+    ("What is the secret word?", "The secret word is pineapple."),
+    ("Who guards the gate?", "A grey owl guards the gate."),
+    ("What color is the door?", "The door is bright red."),
+    ("How many moons are there?", "There are seven moons."),
+    ("Where is the key?", "The key is under the blue stone."),
+    ("What does the cat eat?", "The cat eats fresh fish."),
+    ("When does the train leave?", "The train leaves at nine."),
+    ("What is the river called?", "The river is called Silverrun."),
+]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_and_isolated(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Keep the embedded-model cache shared across sessions unless a test asks otherwise.
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def build_tokenizer(chat: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(CORPUS + [q + " " + a for q, a in FACTS], trainer)
+    if chat:
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+        )
+        tokenizer.chat_template = CHATML
+    else:
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            eos_token="<|endoftext|>",
+            bos_token="<|endoftext|>",
+        )
+    return tokenizer
+
+
+def build_config(arch: str, vocab_size: int):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2)
+    if arch == "llama":
+        return tf.LlamaConfig(
+            **common,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
+    if arch == "qwen2":
+        return tf.Qwen2Config(
+            **common,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
+    if arch == "gpt2":
+        return tf.GPT2Config(
+            vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256
+        )
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`tiny_model("llama" | "qwen2" | "gpt2")` → a saved model folder with its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    built: dict[str, Path] = {}
+
+    def make(arch: str = "llama") -> Path:
+        if arch not in built:
+            tokenizer = build_tokenizer(chat=arch != "gpt2")
+            torch.manual_seed(0)
+            config = build_config(arch, len(tokenizer))
+            config.pad_token_id = tokenizer.pad_token_id
+            config.eos_token_id = tokenizer.eos_token_id
+            model = AutoModelForCausalLM.from_config(config)
+            folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            built[arch] = folder
+        return built[arch]
+
+    return make
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def fact_rows(kind: str = "chat") -> list[dict]:
+    if kind == "chat":
+        return [
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in FACTS
+        ]
+    return [{"instruction": q, "input": "", "output": a} for q, a in FACTS]
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path) -> Callable[..., Path]:
+    """Write a recipe YAML for a tiny model: `write_recipe(model_dir, **section_overrides)`."""
+    import yaml
+
+    def make(model_dir: Path, name: str = "recipe", data_kind: str = "chat", **sections) -> Path:
+        data_file = write_jsonl(tmp_path / f"{name}-data.jsonl", fact_rows(data_kind))
+        recipe = {
+            "model": {"name_or_path": str(model_dir)},
+            "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+            "data": {"train": str(data_file), "validation": str(data_file), "max_seq_len": 64},
+            "train": {
+                "max_steps": 4,
+                "micro_batch_size": 4,
+                "gradient_accumulation_steps": 1,
+                "learning_rate": 1e-2,
+                "warmup_steps": 0,
+                "optimizer": "adamw_torch",
+            },
+            "output": {"dir": str(tmp_path / "runs" / name)},
+        }
+        for section, values in sections.items():
+            recipe.setdefault(section, {}).update(values)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+        return path
+
+    return make
