@@ -21,16 +21,23 @@ RECIPE_FILE = "recipe.resolved.yaml"
 PROVENANCE_FILE = "lorakit.json"
 
 
-def prepare_run_dir(path: str, overwrite: bool) -> Path:
-    """Create the run folder; refuse to mix a new run into an old one unless asked."""
+def check_run_dir(path: str, overwrite: bool) -> bool:
+    """Refuse to mix a new run into an old one unless asked; True when an old run is there."""
     run_dir = Path(path)
     if run_dir.exists() and not run_dir.is_dir():
         raise LorakitError(f"output.dir: {path} exists and is not a folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise LorakitError(
-                f"output.dir: {path} already holds a run (pass --overwrite to replace it)"
-            )
+    occupied = run_dir.is_dir() and any(run_dir.iterdir())
+    if occupied and not overwrite:
+        raise LorakitError(
+            f"output.dir: {path} already holds a run (pass --overwrite to replace it)"
+        )
+    return occupied
+
+
+def prepare_run_dir(path: str, overwrite: bool) -> Path:
+    """Create the run folder, replacing an old run only when `overwrite`."""
+    run_dir = Path(path)
+    if check_run_dir(path, overwrite):
         shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -31,11 +31,30 @@ SetOption = Annotated[
 ]
 
 
+def quiet_libraries() -> None:
+    """lorakit prints its own progress; the libraries' bars and advice would bury it."""
+    import logging
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # Paged optimizer state is a CUDA feature; on the CPU bitsandbytes runs the same
+    # optimizer unpaged, and says so once per tensor.
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+
+
 def user_errors(command: F) -> F:
     """Turn LorakitError into `error: …` lines on stderr and exit code 2."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        quiet_libraries()
         try:
             return command(*args, **kwargs)
         except LorakitError as exc:

@@ -272,11 +272,35 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+# Names other fine-tuning tools use for the same settings.
+_SYNONYMS = {
+    "lr": "learning_rate",
+    "optim": "optimizer",
+    "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation": "gradient_accumulation_steps",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "rank": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "target": "target_modules",
+    "sequence_len": "max_seq_len",
+    "max_length": "max_seq_len",
+    "cutoff_len": "max_seq_len",
+    "output_dir": "dir",
+    "base_model": "name_or_path",
+    "model_name_or_path": "name_or_path",
+}
+
+
 def _did_you_mean(loc: tuple) -> str:
     cls = _section_class(loc)
     if cls is None or not isinstance(loc[-1], str):
         return ""
-    close = difflib.get_close_matches(loc[-1], list(cls.model_fields), n=1, cutoff=0.5)
+    synonym = _SYNONYMS.get(loc[-1])
+    close = [synonym] if synonym in cls.model_fields else []
+    close = close or difflib.get_close_matches(loc[-1], list(cls.model_fields), n=1, cutoff=0.5)
     if close:
         return f" (did you mean '{close[0]}'?)"
     return f" (valid keys: {', '.join(cls.model_fields)})"

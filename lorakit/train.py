@@ -28,7 +28,13 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 import lorakit
-from lorakit.checkpoint import PROVENANCE_FILE, RECIPE_FILE, prepare_run_dir, save_adapter
+from lorakit.checkpoint import (
+    PROVENANCE_FILE,
+    RECIPE_FILE,
+    check_run_dir,
+    prepare_run_dir,
+    save_adapter,
+)
 from lorakit.data import IGNORE_INDEX, make_loader, prepare_data
 from lorakit.data.batching import EpochShuffle
 from lorakit.data.pipeline import PreparedData
@@ -165,6 +171,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
     tcfg = recipe.train
 
     # Everything that can fail on user input happens before the run folder is touched.
+    check_run_dir(recipe.output.dir, overwrite)
     resolved = resolve_model(recipe.model.name_or_path)
     tokenizer = load_tokenizer(resolved.location, recipe.model.trust_remote_code)
     data = prepare_data(recipe, tokenizer)

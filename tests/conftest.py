@@ -79,7 +79,9 @@ def build_tokenizer(chat: bool):
 def build_config(arch: str, vocab_size: int):
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2)
+    # A larger init than the default 0.02 lets a frozen random head produce confident logits,
+    # so LoRA can memorize within a few dozen steps.
+    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, initializer_range=0.2)
     if arch == "llama":
         return tf.LlamaConfig(
             **common,
@@ -100,7 +102,12 @@ def build_config(arch: str, vocab_size: int):
         )
     if arch == "gpt2":
         return tf.GPT2Config(
-            vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256
+            vocab_size=vocab_size,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            initializer_range=0.2,
         )
     raise ValueError(arch)
 
