@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from lorakit.errors import LorakitError
 
@@ -127,16 +127,14 @@ def convert_gguf(gguf: Path) -> Path:
 
 
 def load_tokenizer(location: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        # A hub id while offline, or a folder without tokenizer files.
+        raise LorakitError(
+            f"model.name_or_path: cannot load a tokenizer from {location!r}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def load_config(location: str, trust_remote_code: bool = False):
-    try:
-        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise LorakitError(
-            f"model.name_or_path: cannot load {location!r}: {str(exc).splitlines()[0]}"
-        ) from None

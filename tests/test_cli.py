@@ -123,3 +123,12 @@ def test_help_lists_commands():
     assert code == 0
     assert "train" in out and "validate" in out
     assert Path(__file__).exists()
+
+
+def test_hub_id_while_offline_is_a_clear_error(tmp_path, write_recipe, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = write_recipe(tmp_path / "x")
+    code, _, err = run("train", path, "--set", "model.name_or_path=lorakit-tests/no-such-model")
+    assert code == 2
+    assert_one_error_line(err, "model.name_or_path", "lorakit-tests/no-such-model")
+    assert not (tmp_path / "runs").exists()

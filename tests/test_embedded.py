@@ -28,8 +28,12 @@ def test_alias_converts_the_embedded_gguf_to_a_cached_model_folder():
     assert config["num_hidden_layers"] == 30 and config["vocab_size"] == 49152
     assert "quantization_config" not in config
     assert (folder / "model.safetensors").is_file()
-    # A second resolve reuses the cache.
+    # A second resolve reuses the cache, and the .gguf file itself resolves to the same folder.
     assert resolve_model("smollm2-135m-instruct").location == resolved.location
+    gguf = resolve_model("smollm2-135m-instruct", convert=False).location
+    assert gguf.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    by_file = resolve_model(gguf)
+    assert (by_file.kind, by_file.location) == ("gguf", resolved.location)
 
     tokenizer = load_tokenizer(resolved.location)
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
