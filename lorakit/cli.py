@@ -91,6 +91,44 @@ def validate_command(recipe: RecipeArg, set_: SetOption = None) -> None:
         console.print(line)
 
 
+@app.command("recipes")
+@user_errors
+def recipes_command() -> None:
+    """List the shipped recipes (use one with `lorakit init --template NAME`)."""
+    from rich.table import Table
+
+    from lorakit.catalog import shipped_recipes
+
+    table = Table("name", "what it does", "file", title="shipped recipes", title_justify="left")
+    for recipe in shipped_recipes():
+        table.add_row(recipe.name, recipe.summary, str(recipe.path))
+    Console().print(table)
+
+
+@app.command("init")
+@user_errors
+def init_command(
+    path: Annotated[Path, typer.Argument(help="Where to write the recipe.")] = Path("recipe.yaml"),
+    template: Annotated[
+        str, typer.Option("--template", "-t", help="A shipped recipe (see `lorakit recipes`).")
+    ] = "starter",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+) -> None:
+    """Write a commented starter recipe."""
+    from lorakit.catalog import write_starter
+
+    written = write_starter(path, template, force)
+    console.print(f"wrote {written}; check it with: lorakit validate {written}")
+
+
+@app.command("reference")
+def reference_command() -> None:
+    """Print the recipe reference (Markdown), generated from the schema."""
+    from lorakit.recipe import recipe_reference
+
+    sys.stdout.write(recipe_reference())
+
+
 def main() -> None:
     app()
 

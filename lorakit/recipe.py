@@ -31,36 +31,53 @@ OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torc
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Attribute docstrings become field descriptions: the recipe reference is generated from them.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ModelSection(_Section):
     name_or_path: str = "smollm2-135m-instruct"
     """A local Hugging Face folder, a `.gguf` file, a built-in alias, or a hub id (online)."""
     revision: str | None = None
+    """A hub revision (branch, tag or commit) when `name_or_path` is a hub id."""
     trust_remote_code: bool = False
+    """Run model code shipped with a hub model. Off unless you trust its author."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """The attention kernel (transformers' `attn_implementation`)."""
 
 
 class QuantSection(_Section):
     load_in_4bit: bool = True
+    """Load the frozen base in 4 bits (QLoRA); `false`: plain LoRA on a full-precision base."""
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """NF4 (information-theoretically optimal for normally distributed weights) or FP4."""
     bnb_4bit_use_double_quant: bool = True
+    """Quantize the quantization constants too: saves ~0.37 bit per parameter."""
     bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the matmuls; `auto` = bf16 where the hardware runs it fast, else fp32."""
     bnb_4bit_quant_storage: Literal["uint8", "float16", "bfloat16", "float32"] = "uint8"
+    """Storage dtype of packed 4-bit weights; FSDP needs it equal to the compute dtype."""
 
 
 class LoraSection(_Section):
     r: PositiveInt = 16
+    """LoRA rank: the inner dimension of the low-rank update B·A."""
     lora_alpha: float = Field(32, gt=0)
+    """Scale of the update (alpha / r, or alpha / sqrt(r) with rslora); alpha = 2r is common."""
     lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input; 0 enables the fastest path."""
     target_modules: list[str] | str = "all-linear"
     """A list of module names, or one of the presets `all-linear`, `attention`, `mlp`."""
     bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases to train besides the LoRA matrices."""
     layers_to_transform: list[NonNegativeInt] | None = None
+    """Put LoRA on these layer indices only (default: every layer)."""
     modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter (e.g. `lm_head` for new tokens)."""
     use_rslora: bool = False
+    """Rank-stabilized LoRA: scale by alpha / sqrt(r), so high ranks keep learning."""
     use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA): learns magnitude and direction separately."""
 
     @field_validator("target_modules")
     @classmethod
@@ -143,6 +160,7 @@ class EvalSection(_Section):
     sample_prompts: list[str] = []
     """Prompts generated greedily before and after training, shown side by side."""
     max_new_tokens: PositiveInt = 48
+    """Length limit of those generations."""
 
 
 class OutputSection(_Section):
@@ -330,3 +348,54 @@ def _line_of(text: str, loc: tuple) -> int | None:
             break
         node = child
     return line
+
+
+def recipe_reference() -> str:
+    """The recipe reference in Markdown, generated from the schema so it cannot drift."""
+    lines = [
+        "# Recipe reference",
+        "",
+        "Generated from `lorakit/recipe.py` by `lorakit reference`; a test checks it is current.",
+    ]
+    for section, field in Recipe.model_fields.items():
+        cls = _model_in(field.annotation)
+        if cls is None:
+            continue
+        lines += ["", f"## `{section}`", ""]
+        if section == "data":
+            lines += ["Each dataset entry (`data.train[]`, `data.validation[]`) takes:", ""]
+            lines += _reference_table(DatasetSpec) + ["", "The section itself:", ""]
+        lines += _reference_table(cls)
+    return "\n".join(lines) + "\n"
+
+
+def _reference_table(cls: type[BaseModel]) -> list[str]:
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, field in cls.model_fields.items():
+        default = "required" if field.is_required() else f"`{_yaml_value(field.default)}`"
+        kind = _type_name(field.annotation)
+        meaning = (field.description or "").replace("|", "\\|").replace("\n", " ")
+        rows.append(f"| `{name}` | {kind} | {default} | {meaning} |")
+    return rows
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _type_name(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) is Literal:
+        return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
+    args = typing.get_args(annotation)
+    if args:
+        parts = [_type_name(a) for a in args if a is not type(None)]
+        name = getattr(typing.get_origin(annotation), "__name__", "")
+        if name == "list":
+            return f"list of {parts[0]}"
+        suffix = " or null" if type(None) in args else ""
+        return " or ".join(parts) + suffix
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "entries"
+    return getattr(annotation, "__name__", str(annotation))

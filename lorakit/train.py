@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 import lorakit
+from lorakit.advice import data_advice, recipe_advice
 from lorakit.checkpoint import (
     PROVENANCE_FILE,
     RECIPE_FILE,
@@ -184,6 +185,12 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
 
     say(_model_table(recipe, resolved, summary))
     say(_data_line(data))
+    stats = data.stats["train"]
+    advice = recipe_advice(recipe) + data_advice(
+        recipe, stats.examples, stats.trained_tokens, summary.trainable_parameters
+    )
+    for note in advice:
+        say(f"[yellow]warning:[/yellow] {note}", markup=True, highlight=False)
     pad_id = tokenizer.pad_token_id
     train_loader = make_loader(data.train, tcfg.micro_batch_size, pad_id, tcfg.seed, shuffle=True)
     val_loader = make_loader(

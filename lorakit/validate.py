@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from lorakit.advice import recipe_advice
 from lorakit.data.pipeline import load_rows
 from lorakit.models import resolve_model
 from lorakit.recipe import load_recipe
@@ -17,7 +18,9 @@ def validate(path: Path, overrides: Sequence[str] = ()) -> list[str]:
     train_rows = load_rows(recipe.data.train)
     val_rows = load_rows(recipe.data.validation) if recipe.data.validation else []
     formats = sorted({fmt for _, fmt in train_rows})
+    warnings = [f"warning: {note}" for note in recipe_advice(recipe)]
     return [
+        *warnings,
         f"{path}: ok",
         f"model: {model.reference} ({model.kind})",
         f"data: {len(train_rows)} training rows ({', '.join(formats)}), "

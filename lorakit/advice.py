@@ -1,0 +1,55 @@
+"""Best-practice advice: warnings (never errors) about settings that are legal but usually wrong.
+
+The thresholds come from the LoRA/QLoRA papers and common practice; each message says why.
+"""
+
+from __future__ import annotations
+
+from lorakit.recipe import Recipe
+
+SMALL_DATASET_EXAMPLES = 2_000
+
+
+def recipe_advice(recipe: Recipe) -> list[str]:
+    """Advice that needs only the recipe."""
+    lora = recipe.lora
+    notes: list[str] = []
+    ratio = lora.lora_alpha / (lora.r**0.5 if lora.use_rslora else lora.r)
+    if not 0.5 <= ratio <= 4:
+        scale = "alpha/sqrt(r)" if lora.use_rslora else "alpha/r"
+        notes.append(
+            f"lora: {scale} = {ratio:g} is unusual (1-2 is common practice; the update is scaled "
+            "by it, so the effective learning rate changes with it)"
+        )
+    if lora.target_modules == "attention" or (
+        isinstance(lora.target_modules, list)
+        and set(lora.target_modules) <= {"q_proj", "k_proj", "v_proj", "o_proj", "c_attn"}
+    ):
+        notes.append(
+            "lora.target_modules: attention only; QLoRA found that LoRA on all linear layers "
+            "is needed to match full fine-tuning (target_modules: all-linear)"
+        )
+    if lora.r > 128 and not lora.use_rslora:
+        notes.append(f"lora.r = {lora.r}: at high ranks set use_rslora: true so the rank pays off")
+    return notes
+
+
+def data_advice(
+    recipe: Recipe, examples: int, trained_tokens: int, trainable_parameters: int
+) -> list[str]:
+    """Advice that needs the size of the data and of the adapter."""
+    notes: list[str] = []
+    small = examples < SMALL_DATASET_EXAMPLES
+    if small and recipe.lora.lora_dropout == 0 and recipe.train.weight_decay == 0:
+        notes.append(
+            f"{examples} training examples with lora_dropout 0 and weight_decay 0: small datasets "
+            "overfit quickly; consider lora_dropout: 0.05 or weight_decay: 0.01 and watch eval loss"
+        )
+    seen = trained_tokens * max(recipe.train.epochs, 1.0)
+    if trainable_parameters > 50 * seen:
+        notes.append(
+            f"lora.r = {recipe.lora.r} gives {trainable_parameters:,} trainable parameters for "
+            f"{trained_tokens:,} trained tokens: far more capacity than the data needs; "
+            "a smaller r trains as well, faster"
+        )
+    return notes
