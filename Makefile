@@ -22,17 +22,17 @@ demo: install
 	$(BIN)/lorakit train configs/quickstart.yaml --overwrite
 
 test: install
-	$(BIN)/ruff check lorakit tests benchmarks
-	$(BIN)/ruff format --check lorakit tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check lorakit tests benchmarks
-	$(BIN)/ruff format --check lorakit tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 format: install
-	$(BIN)/ruff format lorakit tests benchmarks
-	$(BIN)/ruff check --fix lorakit tests benchmarks
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 bench: install
 	$(BIN)/python benchmarks/run.py
