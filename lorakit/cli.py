@@ -91,6 +91,21 @@ def validate_command(recipe: RecipeArg, set_: SetOption = None) -> None:
         console.print(line)
 
 
+@app.command("prepare")
+@user_errors
+def prepare_command(
+    recipe: RecipeArg,
+    set_: SetOption = None,
+    preview: Annotated[
+        int, typer.Option("--preview", min=0, help="Show N examples, trained tokens highlighted.")
+    ] = 0,
+) -> None:
+    """Tokenize the recipe's data (filling the cache) and show statistics and examples."""
+    from lorakit.prepare import prepare
+
+    prepare(recipe, set_ or (), preview, Console())
+
+
 def main() -> None:
     app()
 

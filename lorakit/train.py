@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from torch.utils.data import DataLoader
@@ -185,10 +186,10 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
     say(_model_table(recipe, resolved, summary))
     say(_data_line(data))
     pad_id = tokenizer.pad_token_id
-    train_loader = make_loader(data.train, tcfg.micro_batch_size, pad_id, tcfg.seed, shuffle=True)
-    val_loader = make_loader(
-        data.validation, tcfg.micro_batch_size, pad_id, tcfg.seed, shuffle=False
-    )
+    # flash-attention reads packed examples from one flattened row (its varlen path).
+    flat = recipe.data.packing and recipe.model.attn_implementation == "flash_attention_2"
+    train_loader = make_loader(data.train, tcfg.micro_batch_size, pad_id, tcfg.seed, True, flat)
+    val_loader = make_loader(data.validation, tcfg.micro_batch_size, pad_id, tcfg.seed, False, flat)
     total_steps = count_optimizer_steps(tcfg, math.ceil(len(data.train) / tcfg.micro_batch_size))
     optimizer = build_optimizer(model, tcfg)
     scheduler = get_scheduler(
@@ -366,9 +367,18 @@ def _model_table(recipe: Recipe, resolved: ResolvedModel, summary: ModelSummary)
 
 def _data_line(data: PreparedData) -> str:
     t, v = data.stats["train"], data.stats["validation"]
-    return (
-        f"data: {t.examples} train examples ({t.tokens} tokens, {t.trained_tokens} trained, "
-        f"{t.truncated} truncated, {t.dropped} dropped), {v.examples} validation examples"
+    packed = (
+        f", packed into {t.packed_rows} rows ({t.packing_efficiency:.1%} full)"
+        if t.packed_rows
+        else ""
+    )
+    return "\n".join(
+        [
+            f"data: {t.examples} train examples ({t.tokens} tokens, {t.trained_tokens} trained, "
+            f"{t.truncated} truncated, {t.dropped} dropped, {t.skipped} rows skipped){packed}, "
+            f"{v.examples} validation examples",
+            *(f"warning: {escape(note)}" for note in data.warnings),
+        ]
     )
 
 
