@@ -23,9 +23,6 @@ def validate(path: Path, overrides: Sequence[str] = ()) -> list[str]:
         f"model: {model.reference} ({model.kind})",
         f"data: {sum(len(s.rows) for s in train)} training rows ({', '.join(formats)}), "
         f"{sum(len(s.rows) for s in val)} validation rows",
-        *(
-            f"data: {s.path}: {s.skipped} rows skipped; first: {s.skip_reasons[0]}"
-            for s in skipped
-        ),
+        *(f"data: {s.path}: {s.skipped} rows skipped; first: {s.skip_reasons[0]}" for s in skipped),
         f"output: {recipe.output.dir}",
     ]

@@ -102,6 +102,8 @@ def split_by_prefixes(
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
+            if i == 0:
+                raise RowProblem("the conversation starts with an assistant message")
             prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
             full = render_chat(tokenizer, messages[: i + 1])
             if not (prompt.startswith(done) and full.startswith(prompt)):

@@ -217,7 +217,7 @@ def _pretokenized(
     labels = tokens.labels if train_on != "all" else list(tokens.input_ids)
     if eos_id is not None and any(
         token == eos_id and label == IGNORE_INDEX and before != IGNORE_INDEX
-        for token, label, before in zip(tokens.input_ids[1:], labels[1:], labels, strict=True)
+        for token, label, before in zip(tokens.input_ids[1:], labels[1:], labels[:-1], strict=True)
     ):
         stats.masked_eos_rows += 1
     return Example(list(tokens.input_ids), list(labels))
