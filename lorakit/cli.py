@@ -103,7 +103,9 @@ def prepare_command(
     """Tokenize the recipe's data (filling the cache) and show statistics and examples."""
     from lorakit.prepare import prepare
 
-    prepare(recipe, set_ or (), preview, Console())
+    # A pipe or a file gets the whole report: wide tables, and example text never re-wrapped.
+    wide = None if sys.stdout.isatty() else 160
+    prepare(recipe, set_ or (), preview, Console(width=wide, soft_wrap=True))
 
 
 def main() -> None:

@@ -54,13 +54,6 @@ def report(
     console.print(dataset_table(data))
     console.print(split_table(data, recipe.data.max_seq_len))
     for name, stats in data.stats.items():
-        for part in stats.datasets:
-            if part.skipped:
-                console.print(f"[bold]{escape(part.path)}[/bold]: skipped {part.skipped} rows:")
-                for reason in part.skip_reasons:
-                    console.print(f"  {escape(reason)}", highlight=False)
-                if part.skipped > len(part.skip_reasons):
-                    console.print(f"  … and {part.skipped - len(part.skip_reasons)} more")
         if stats.dropped:
             console.print(
                 f"{name}: dropped {stats.dropped} examples with no trained token within "

@@ -77,8 +77,10 @@ def test_bad_row_is_skipped_counted_and_named_without_strict(tmp_path, tiny_mode
     assert code == 0, err
     assert "7 train examples" in err
     err = " ".join(err.split())  # undo the console's line wrapping
-    assert "skipped 1 of 8 rows with problems (data.strict: true makes them errors)" in err
-    assert f"first: {data}:3: missing required field 'output'" in err
+    assert (
+        "skipped 1 of 8 rows with problems (data.strict: true makes them errors): "
+        f"{data}:3: missing required field 'output'"
+    ) in err
 
 
 def test_malformed_json_line(tmp_path, tiny_model, write_recipe):

@@ -365,9 +365,16 @@ def data_warnings(tokenizer: PreTrainedTokenizerBase, *splits: SplitStats) -> li
     for split in splits:
         for part in split.datasets:
             if part.skipped:
+                more = part.skipped - len(part.skip_reasons)
                 notes.append(
-                    f"{part.path}: skipped {part.skipped} of {part.rows} rows with problems "
-                    f"(data.strict: true makes them errors); first: {part.skip_reasons[0]}"
+                    "\n  ".join(
+                        [
+                            f"{part.path}: skipped {part.skipped} of {part.rows} rows with "
+                            "problems (data.strict: true makes them errors):",
+                            *part.skip_reasons,
+                            *([f"… and {more} more"] if more else []),
+                        ]
+                    )
                 )
             if part.masked_eos_rows:
                 same = tokenizer.pad_token_id == tokenizer.eos_token_id
