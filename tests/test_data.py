@@ -602,3 +602,47 @@ def test_pad_equal_to_eos_is_explained_and_masked_eos_labels_warned(tmp_path, ti
         f"{data}: the labels of 1 rows mask the EOS that ends a trained span, so the model does "
         "not learn to stop there (pad token == EOS: they were likely masked as padding)"
     ]
+
+
+# --- tokenizing ---------------------------------------------------------------------------------
+
+
+def _metaspace_tokenizer():
+    """A Llama-2 style tokenizer: Metaspace pre-tokenizer that marks only a text's first word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import CORPUS
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    backend.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", bos_token="<s>")
+
+
+@pytest.mark.parametrize("kind", ["chatml", "metaspace-first"])
+def test_encode_texts_gives_the_tokenizers_own_ids(kind):
+    from lorakit.data.pipeline import _special_token_splitter, encode_texts
+    from tests.conftest import build_tokenizer
+
+    tokenizer = build_tokenizer(chat=True) if kind == "chatml" else _metaspace_tokenizer()
+    marker = "<|im_end|>" if kind == "chatml" else "</s>"
+    texts = [
+        f"hello{marker}\nworld{marker}{marker} sea  wide",
+        f"{marker}",
+        f" leading space{marker}x",
+        "plain text, no marker",
+        f"hello{marker}\nworld{marker}{marker} sea  wide",
+    ]
+    assert encode_texts(tokenizer, texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
+    # Pieces are reused only where splitting cannot change the ids: for Metaspace "first" it
+    # would (each piece would get a word-start mark).
+    assert (_special_token_splitter(tokenizer) is None) == (kind == "metaspace-first")
+    if kind == "metaspace-first":
+        whole = tokenizer("sea</s>wide", add_special_tokens=False)["input_ids"]
+        pieces = tokenizer(["sea", "</s>", "wide"], add_special_tokens=False)["input_ids"]
+        assert whole != [t for piece in pieces for t in piece]

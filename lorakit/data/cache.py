@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +87,9 @@ def store(key: str, input_ids: list[list[int]], labels: list[list[int]], stats: 
         return
     try:
         offsets = np.cumsum([0] + [len(x) for x in input_ids], dtype=np.int64)
-        flat_ids = np.fromiter((t for x in input_ids for t in x), np.int32, int(offsets[-1]))
-        flat_labels = np.fromiter((t for x in labels for t in x), np.int32, int(offsets[-1]))
+        total = int(offsets[-1])
+        flat_ids = np.fromiter(chain.from_iterable(input_ids), np.int32, total)
+        flat_labels = np.fromiter(chain.from_iterable(labels), np.int32, total)
         np.save(staging / "input_ids.npy", flat_ids)
         np.save(staging / "labels.npy", flat_labels)
         np.save(staging / "offsets.npy", offsets)
