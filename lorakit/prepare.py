@@ -65,9 +65,9 @@ def report(
     for line in ([note] if note else []) + [f"warning: {w}" for w in data.warnings]:
         console.print(escape(line), highlight=False)
     for number, example in enumerate(train[:preview], start=1):
-        trained = sum(label != IGNORE_INDEX for label in example.labels[1:])
         console.print(
-            f"\n[bold]example {number}[/bold]: {len(example.input_ids)} tokens, {trained} trained"
+            f"\n[bold]example {number}[/bold]: {len(example.input_ids)} tokens, "
+            f"{example.trained_tokens} trained"
         )
         console.print(
             highlight_example(example, tokenizer, colors=console.color_system is not None)

@@ -7,7 +7,6 @@ in one sitting.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Iterator
@@ -39,6 +38,7 @@ from lorakit.checkpoint import (
 from lorakit.data import IGNORE_INDEX, make_loader, prepare_data
 from lorakit.data.batching import EpochShuffle
 from lorakit.data.pipeline import PreparedData
+from lorakit.data.sources import source_fingerprint
 from lorakit.evaluate import evaluate_loss, generate
 from lorakit.loss import TokenNLL
 from lorakit.models import ResolvedModel, load_tokenizer, resolve_model
@@ -139,7 +139,7 @@ def provenance(
     recipe: Recipe, model: ResolvedModel, tokenizer_name: str, extra: dict[str, Any]
 ) -> dict[str, Any]:
     """What an adapter needs to be reproduced or merged without the training YAML."""
-    files = [spec.path for spec in recipe.data.train + (recipe.data.validation or [])]
+    specs = recipe.data.train + (recipe.data.validation or [])
     return {
         "lorakit_version": lorakit.__version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -149,17 +149,13 @@ def provenance(
             "location": model.location,
         },
         "tokenizer": tokenizer_name,
-        "data": {path: _sha256(Path(path)) for path in files},
+        "data": {s.path: source_fingerprint(s.path, s.split, s.name) for s in specs},
         "libraries": {
             name: version(name)
             for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
         },
         **extra,
     }
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = None) -> RunResult:

@@ -646,3 +646,26 @@ def test_encode_texts_gives_the_tokenizers_own_ids(kind):
         whole = tokenizer("sea</s>wide", add_special_tokens=False)["input_ids"]
         pieces = tokenizer(["sea", "</s>", "wide"], add_special_tokens=False)["input_ids"]
         assert whole != [t for piece in pieces for t in piece]
+
+
+def test_a_folder_of_text_files_trains_end_to_end(tmp_path, tiny_model, write_recipe):
+    import json
+
+    from lorakit.data.sources import source_fingerprint
+    from lorakit.train import train
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, text in enumerate(["The sea be wide.", "Water boils at one hundred degrees."] * 3):
+        (docs / f"{i}.txt").write_text(text)
+    path = write_recipe(
+        tiny_model("llama"),
+        data={"train": str(docs), "validation": None, "max_seq_len": 16},
+        quant={"bnb_4bit_compute_dtype": "float32"},
+        train={"max_steps": 1},
+    )
+    result = train(load_recipe(path))
+    provenance = json.loads((result.adapter_dir / "lorakit.json").read_text())
+    assert provenance["data"] == {str(docs): source_fingerprint(str(docs))}
+    (docs / "0.txt").write_text("changed")
+    assert source_fingerprint(str(docs)) != provenance["data"][str(docs)]

@@ -38,7 +38,8 @@ class Example:
 
     @property
     def trained_tokens(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
+        """Tokens the loss covers: the first label is never predicted (no token precedes it)."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
 @dataclass
