@@ -1,8 +1,12 @@
 """Packing: best-fit decreasing rows, restarting positions, and no attention across examples:
 a packed batch has the same loss and gradients as the same examples unpacked."""
 
+import io
+import math
+
 import pytest
 import torch
+from rich.console import Console
 from transformers import AutoModelForCausalLM
 
 from lorakit.data import IGNORE_INDEX, Example, collate, prepare_data
@@ -118,6 +122,9 @@ def test_recipe_packing_reports_efficiency_and_trains(tmp_path, tiny_model, writ
         stats.tokens / (stats.packed_rows * recipe.data.max_seq_len)
     )
     assert sum(len(split_packed(row.position_ids)) for row in data.train) == 8
-    result = train(recipe)
-    assert result.steps == 2 and result.train_loss == result.train_loss  # finite, not NaN
+    log = io.StringIO()
+    result = train(recipe, console=Console(file=log, width=200))
+    assert result.steps == 2 and math.isfinite(result.train_loss)
     assert result.eval_after is not None
+    efficiency = f"{stats.packing_efficiency:.1%}"
+    assert f"packed into {stats.packed_rows} rows ({efficiency} full)" in log.getvalue()
