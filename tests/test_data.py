@@ -344,9 +344,19 @@ def test_json_arrow_saved_and_txt_folder_sources(tmp_path):
     ]
 
 
-def test_hub_id_offline_is_one_clear_error():
-    with pytest.raises(LorakitError, match="^someone/some-dataset: cannot load the hub dataset"):
+def test_hub_id_offline_is_one_clear_error(monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    # As with HF_HUB_OFFLINE=1 set before the libraries load (no network retries).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(LorakitError) as caught:
         load_rows([DatasetSpec(path="someone/some-dataset")])
+    assert str(caught.value).startswith(
+        "someone/some-dataset: cannot load the hub dataset (offline, or not a dataset id?): "
+    )
+    assert "\n" not in str(caught.value)
 
 
 # --- bad rows ----------------------------------------------------------------------------------
