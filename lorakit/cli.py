@@ -129,6 +129,23 @@ def reference_command() -> None:
     sys.stdout.write(recipe_reference())
 
 
+@app.command("prepare")
+@user_errors
+def prepare_command(
+    recipe: RecipeArg,
+    set_: SetOption = None,
+    preview: Annotated[
+        int, typer.Option("--preview", min=0, help="Show N examples, trained tokens highlighted.")
+    ] = 0,
+) -> None:
+    """Tokenize the recipe's data (filling the cache) and show statistics and examples."""
+    from lorakit.prepare import prepare
+
+    # A pipe or a file gets the whole report: wide tables, and example text never re-wrapped.
+    wide = None if sys.stdout.isatty() else 160
+    prepare(recipe, set_ or (), preview, Console(width=wide, soft_wrap=True))
+
+
 def main() -> None:
     app()
 

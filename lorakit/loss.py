@@ -46,8 +46,12 @@ class TokenNLL(nn.Module):
         causal_lm = causal_lm_of(self.model)
         backbone = getattr(causal_lm, causal_lm.base_model_prefix)
         head = causal_lm.get_output_embeddings()
+        # No KV cache: with one, transformers ignores packed position_ids and masks causally only.
         hidden = backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
         ).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX

@@ -96,10 +96,61 @@ class LoraSection(_Section):
         return [value] if isinstance(value, int) else value
 
 
+DATA_FORMATS = (
+    "auto",
+    "alpaca",
+    "chat",
+    "sharegpt",
+    "prompt_completion",
+    "text",
+    "tokenized",
+)
+# The fields each format reads; `columns` maps these names onto a file's own column names.
+DATA_FIELDS = (
+    "messages",
+    "conversations",
+    "role",
+    "content",
+    "system",
+    "instruction",
+    "input",
+    "output",
+    "prompt",
+    "completion",
+    "text",
+    "input_ids",
+    "labels",
+)
+
+
 class DatasetSpec(_Section):
     path: str
-    """A .jsonl, .json, .csv or .parquet file (relative paths are relative to the working dir)."""
-    format: Literal["auto", "alpaca", "chat", "text"] = "auto"
+    """A .jsonl, .json, .csv, .parquet or .arrow file, a folder of .txt files, a folder written by
+    `datasets`' `save_to_disk`, or a hub dataset id (online). Relative to the working dir."""
+    format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
+    """`auto` tells it from the fields: `messages` chat, `conversations` sharegpt,
+    `instruction`+`output` alpaca, `prompt`+`completion`, `input_ids` tokenized, `text`."""
+    columns: dict[str, str] = {}
+    """The file's names for the fields the format reads, e.g. `{instruction: question,
+    output: answer}` or `{messages: dialog, role: speaker, content: text}`."""
+    weight: float = Field(1.0, gt=0)
+    """Examples per epoch as a multiple of this dataset's size: 2 repeats each example twice,
+    0.5 takes a seeded random half. Training data only."""
+    split: str = "train"
+    """The split to read from a hub dataset or a saved `DatasetDict`."""
+    name: str | None = None
+    """The configuration of a hub dataset (`load_dataset`'s `name`)."""
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(DATA_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"unknown field {unknown[0]!r}: map the fields a format reads "
+                f"({', '.join(DATA_FIELDS)}) to your file's column names"
+            )
+        return value
 
 
 def _as_spec_list(value: Any) -> Any:
@@ -112,12 +163,25 @@ def _as_spec_list(value: Any) -> Any:
 
 class DataSection(_Section):
     train: list[DatasetSpec]
+    """One dataset or a list of them (a path, or an entry with `path`, `format`, `columns`,
+    `weight`, …)."""
     validation: list[DatasetSpec] | None = None
+    """Held-out datasets for the eval loss."""
     val_split: float | None = Field(None, gt=0, lt=1)
-    """Hold out this fraction of the training rows for validation (when no `validation` files)."""
+    """Hold out this fraction of the training examples for validation (when no `validation`)."""
     max_seq_len: PositiveInt = 512
-    train_on: Literal["completions", "all"] = "completions"
-    """`completions`: the loss covers responses only (prompt tokens masked); `all`: every token."""
+    """Longer examples are truncated (and counted); `text` documents are cut into chunks of it."""
+    train_on: Literal["completions", "all", "last_turn"] = "completions"
+    """`completions`: the loss covers every assistant reply and the end-of-turn token closing it
+    (prompts masked); `last_turn`: only the final reply; `all`: every token."""
+    chat_template: str | None = None
+    """Override the model's chat template: a named one (`chatml`, `llama3`, `alpaca`) or a
+    .jinja file. The template used is saved with the adapter."""
+    packing: bool = False
+    """Pack examples into rows of `max_seq_len` (best-fit decreasing), each example keeping its
+    own positions and attending only to itself."""
+    strict: bool = False
+    """Stop at the first bad row instead of skipping it (skips are counted and listed)."""
 
     @field_validator("train", "validation", mode="before")
     @classmethod
@@ -130,6 +194,8 @@ class DataSection(_Section):
             raise ValueError("train: list at least one dataset")
         if self.validation and self.val_split:
             raise ValueError("set either validation (files) or val_split (a fraction), not both")
+        if any(spec.weight != 1 for spec in self.validation or []):
+            raise ValueError("validation: weight applies to training datasets only")
         return self
 
 

@@ -7,7 +7,6 @@ in one sitting.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from torch.utils.data import DataLoader
@@ -39,6 +39,7 @@ from lorakit.checkpoint import (
 from lorakit.data import IGNORE_INDEX, make_loader, prepare_data
 from lorakit.data.batching import EpochShuffle
 from lorakit.data.pipeline import PreparedData
+from lorakit.data.sources import source_fingerprint
 from lorakit.evaluate import evaluate_loss, generate
 from lorakit.loss import TokenNLL
 from lorakit.models import ResolvedModel, load_tokenizer, resolve_model
@@ -139,7 +140,7 @@ def provenance(
     recipe: Recipe, model: ResolvedModel, tokenizer_name: str, extra: dict[str, Any]
 ) -> dict[str, Any]:
     """What an adapter needs to be reproduced or merged without the training YAML."""
-    files = [spec.path for spec in recipe.data.train + (recipe.data.validation or [])]
+    specs = recipe.data.train + (recipe.data.validation or [])
     return {
         "lorakit_version": lorakit.__version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -149,17 +150,13 @@ def provenance(
             "location": model.location,
         },
         "tokenizer": tokenizer_name,
-        "data": {path: _sha256(Path(path)) for path in files},
+        "data": {s.path: source_fingerprint(s.path, s.split, s.name) for s in specs},
         "libraries": {
             name: version(name)
             for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
         },
         **extra,
     }
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = None) -> RunResult:
@@ -192,10 +189,10 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
     for note in advice:
         say(f"[yellow]warning:[/yellow] {note}", markup=True, highlight=False)
     pad_id = tokenizer.pad_token_id
-    train_loader = make_loader(data.train, tcfg.micro_batch_size, pad_id, tcfg.seed, shuffle=True)
-    val_loader = make_loader(
-        data.validation, tcfg.micro_batch_size, pad_id, tcfg.seed, shuffle=False
-    )
+    # flash-attention reads packed examples from one flattened row (its varlen path).
+    flat = recipe.data.packing and recipe.model.attn_implementation == "flash_attention_2"
+    train_loader = make_loader(data.train, tcfg.micro_batch_size, pad_id, tcfg.seed, True, flat)
+    val_loader = make_loader(data.validation, tcfg.micro_batch_size, pad_id, tcfg.seed, False, flat)
     total_steps = count_optimizer_steps(tcfg, math.ceil(len(data.train) / tcfg.micro_batch_size))
     optimizer = build_optimizer(model, tcfg)
     scheduler = get_scheduler(
@@ -373,9 +370,18 @@ def _model_table(recipe: Recipe, resolved: ResolvedModel, summary: ModelSummary)
 
 def _data_line(data: PreparedData) -> str:
     t, v = data.stats["train"], data.stats["validation"]
-    return (
-        f"data: {t.examples} train examples ({t.tokens} tokens, {t.trained_tokens} trained, "
-        f"{t.truncated} truncated, {t.dropped} dropped), {v.examples} validation examples"
+    packed = (
+        f", packed into {t.packed_rows} rows ({t.packing_efficiency:.1%} full)"
+        if t.packed_rows
+        else ""
+    )
+    return "\n".join(
+        [
+            f"data: {t.examples} train examples ({t.tokens} tokens, {t.trained_tokens} trained, "
+            f"{t.truncated} truncated, {t.dropped} dropped, {t.skipped} rows skipped){packed}, "
+            f"{v.examples} validation examples",
+            *(f"warning: {escape(note)}" for note in data.warnings),
+        ]
     )
 
 

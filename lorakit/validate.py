@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lorakit.advice import recipe_advice
-from lorakit.data.pipeline import load_rows
+from lorakit.data.pipeline import read_dataset
 from lorakit.models import resolve_model
 from lorakit.recipe import load_recipe
 
@@ -15,15 +15,17 @@ def validate(path: Path, overrides: Sequence[str] = ()) -> list[str]:
     """Raise LorakitError on the first class of problem found; return a short report."""
     recipe = load_recipe(path, overrides)
     model = resolve_model(recipe.model.name_or_path, convert=False)
-    train_rows = load_rows(recipe.data.train)
-    val_rows = load_rows(recipe.data.validation) if recipe.data.validation else []
-    formats = sorted({fmt for _, fmt in train_rows})
     warnings = [f"warning: {note}" for note in recipe_advice(recipe)]
+    train = [read_dataset(spec, recipe.data.strict) for spec in recipe.data.train]
+    val = [read_dataset(spec, recipe.data.strict) for spec in recipe.data.validation or []]
+    formats = sorted({source.format for source in train})
+    skipped = [source.stats for source in train + val if source.stats.skipped]
     return [
         *warnings,
         f"{path}: ok",
         f"model: {model.reference} ({model.kind})",
-        f"data: {len(train_rows)} training rows ({', '.join(formats)}), "
-        f"{len(val_rows)} validation rows",
+        f"data: {sum(len(s.rows) for s in train)} training rows ({', '.join(formats)}), "
+        f"{sum(len(s.rows) for s in val)} validation rows",
+        *(f"data: {s.path}: {s.skipped} rows skipped; first: {s.skip_reasons[0]}" for s in skipped),
         f"output: {recipe.output.dir}",
     ]

@@ -59,12 +59,28 @@ def test_dataset_row_missing_a_field_names_file_and_line(tmp_path, tiny_model, w
     rows = fact_rows("alpaca")
     del rows[2]["output"]
     data = write_jsonl(tmp_path / "broken.jsonl", rows)
-    code, _, err = run(
-        "train", path, "--set", f"data.train={data}", "--set", "data.validation=null"
-    )
+    args = ["train", path, "--set", f"data.train={data}", "--set", "data.validation=null"]
+    code, _, err = run(*args, "--set", "data.strict=true")
     assert code == 2
     assert_one_error_line(err, f"{data}:3", "missing required field 'output'")
     assert not (tmp_path / "runs").exists()
+
+
+def test_bad_row_is_skipped_counted_and_named_without_strict(tmp_path, tiny_model, write_recipe):
+    path = write_recipe(tiny_model("llama"), train={"max_steps": 1})
+    rows = fact_rows("alpaca")
+    del rows[2]["output"]
+    data = write_jsonl(tmp_path / "broken.jsonl", rows)
+    code, _, err = run(
+        "train", path, "--set", f"data.train={data}", "--set", "data.validation=null"
+    )
+    assert code == 0, err
+    assert "7 train examples" in err
+    err = " ".join(err.split())  # undo the console's line wrapping
+    assert (
+        "skipped 1 of 8 rows with problems (data.strict: true makes them errors): "
+        f"{data}:3: missing required field 'output'"
+    ) in err
 
 
 def test_malformed_json_line(tmp_path, tiny_model, write_recipe):

@@ -1,24 +1,45 @@
-"""Dataset formats: turn one row into text segments, each marked trained or masked.
+"""Dataset formats: read one row into its format's fields, then into text segments marked
+trained or masked.
 
-Segments are split exactly where the chat template switches between prompt and response, so
-tokenizing them one by one gives the same tokens as the rendered conversation, and the label
-mask follows the template token by token. The end-of-turn / EOS token that closes a response
-belongs to the response, so the model learns to stop.
+Formats: `chat` (OpenAI `messages` with role/content), `sharegpt` (`conversations` with
+from/value), `alpaca` (instruction/input/output), `prompt_completion`, `text` (documents) and
+`tokenized` (`input_ids`, optional `labels`). A recipe's `columns` maps a file's own column
+names onto these fields.
+
+Segments are split exactly where the chat template switches between prompt and reply (see
+`chat.py`), so the label mask follows the template token by token. The end-of-turn / EOS token
+that closes a reply belongs to the reply, so the model learns to stop.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from lorakit.data.chat import ChatSegmenter, RowProblem, render_chat
 from lorakit.data.sources import Row
 from lorakit.errors import LorakitError
+
+__all__ = ["IGNORE_INDEX", "RowProblem", "render_chat", "render_prompt"]
 
 Segment = tuple[str, bool]
 """(text, trained)"""
 
+IGNORE_INDEX = -100
+"""The label of a token the loss skips (PyTorch's cross-entropy default)."""
+
 ROLES = ("system", "user", "assistant")
+# ShareGPT's speaker names (and a few common variants) for the three roles.
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+}
 
 # Used when the tokenizer has no chat template (base models such as GPT-2).
 PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -26,149 +47,258 @@ PLAIN_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 
+# The fields that identify each format, in the order auto-detection tries them.
+_SIGNATURES = (
+    ("chat", ("messages",)),
+    ("sharegpt", ("conversations",)),
+    ("alpaca", ("instruction", "output")),
+    ("prompt_completion", ("prompt", "completion")),
+    ("tokenized", ("input_ids",)),
+    ("text", ("text",)),
+)
 
-def detect_format(row: Row) -> str:
-    keys = row.data.keys()
-    if "messages" in keys:
-        return "chat"
-    if "instruction" in keys and "output" in keys:
-        return "alpaca"
-    if "text" in keys:
-        return "text"
+
+@dataclass(frozen=True)
+class Tokens:
+    """A pre-tokenized row: used as is, no template, no EOS added."""
+
+    input_ids: list[int]
+    labels: list[int] | None
+
+
+def rename_columns(data: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """The row with the recipe's `columns` applied: field name ← the file's column name."""
+    renamed = dict(data)
+    for field, column in columns.items():
+        if field in ("role", "content"):
+            continue  # keys inside messages, applied by normalize()
+        if column in data:
+            renamed[field] = data[column]
+    return renamed
+
+
+def detect_format(rows: list[Row], columns: dict[str, str] | None = None) -> str:
+    """The format the first rows' fields point to; the first row names the error."""
+    for row in rows[:10]:
+        keys = rename_columns(row.data, columns or {}).keys()
+        for fmt, fields in _SIGNATURES:
+            if all(f in keys for f in fields):
+                return fmt
+    keys = sorted(rows[0].data.keys())
     raise LorakitError(
-        f"{row.where}: cannot tell the dataset format from keys {sorted(keys)} "
-        "(expected 'messages', 'instruction'+'output', or 'text'; or set format:)"
+        f"{rows[0].where}: cannot tell the dataset format from keys {keys} "
+        "(expected 'messages', 'conversations', 'instruction'+'output', 'prompt'+'completion', "
+        "'input_ids' or 'text'; or set format: and columns:)"
     )
 
 
-def check_row(row: Row, fmt: str) -> None:
-    """Raise a one-line error naming the file and row when a row lacks what its format needs."""
-    data = row.data
-    if fmt == "chat":
-        messages = _field(row, "messages", list)
-        if not messages:
-            raise LorakitError(f"{row.where}: 'messages' is empty")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict):
-                raise LorakitError(f"{row.where}: messages[{i}] is not an object")
-            role, content = message.get("role"), message.get("content")
-            if role not in ROLES:
-                raise LorakitError(
-                    f"{row.where}: messages[{i}] has role {role!r} (expected {', '.join(ROLES)})"
-                )
-            if not isinstance(content, str):
-                raise LorakitError(f"{row.where}: messages[{i}] needs a string 'content'")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise LorakitError(f"{row.where}: no assistant message to learn from")
-    elif fmt == "alpaca":
-        _field(row, "instruction", str)
-        _field(row, "output", str)
-        if data.get("input") is not None and not isinstance(data["input"], str):
-            raise LorakitError(f"{row.where}: field 'input' must be a string")
-    elif fmt == "text":
-        _field(row, "text", str)
+def normalize(data: dict[str, Any], fmt: str, columns: dict[str, str]) -> dict[str, Any]:
+    """The row reduced to its format's fields, checked; raises RowProblem."""
+    data = rename_columns(data, columns) if columns else data
+    field = _Fields(data, columns)
+    if fmt in ("chat", "sharegpt"):
+        name = "messages" if fmt == "chat" else "conversations"
+        return {"messages": _messages(field.get(name, list), name, columns)}
+    if fmt == "alpaca":
+        return {
+            "instruction": field.text("instruction"),
+            "input": field.optional_text("input"),
+            "output": field.text("output"),
+            "system": field.optional_text("system"),
+        }
+    if fmt == "prompt_completion":
+        prompt, completion = field.get("prompt", (str, list)), field.get("completion", (str, list))
+        if isinstance(prompt, str) and isinstance(completion, str):
+            if not completion.strip():
+                raise RowProblem(f"field {field.label('completion')} is empty")
+            return {"prompt": prompt, "completion": completion}
+        if isinstance(prompt, list) and isinstance(completion, list):
+            messages = _messages(prompt + completion, "prompt+completion", columns)
+            completion_roles = {m["role"] for m in messages[len(messages) - len(completion) :]}
+            if "assistant" not in completion_roles:
+                raise RowProblem("the completion has no assistant message to learn from")
+            return {"messages": messages, "first_reply": len(messages) - len(completion)}
+        raise RowProblem("'prompt' and 'completion' must both be strings or both message lists")
+    if fmt == "text":
+        return {"text": field.text("text")}
+    if fmt == "tokenized":
+        input_ids = field.get("input_ids", list)
+        labels = data.get("labels")
+        if not input_ids or not all(type(t) is int for t in input_ids):
+            raise RowProblem("'input_ids' must be a non-empty list of integers")
+        if labels is not None and (
+            not isinstance(labels, list)
+            or len(labels) != len(input_ids)
+            or not all(type(t) is int for t in labels)
+        ):
+            raise RowProblem("'labels' must be a list of integers as long as 'input_ids'")
+        return {"input_ids": input_ids, "labels": labels}
+    raise ValueError(fmt)
 
 
-def _field(row: Row, name: str, kind: type) -> Any:
-    if name not in row.data or row.data[name] is None:
-        raise LorakitError(f"{row.where}: missing required field '{name}'")
-    value = row.data[name]
-    if not isinstance(value, kind):
-        raise LorakitError(f"{row.where}: field '{name}' must be a {kind.__name__}")
-    if kind is str and not value.strip():
-        raise LorakitError(f"{row.where}: field '{name}' is empty")
-    return value
+class _Fields:
+    """Typed access to a row's fields, with messages that name the file's column."""
+
+    def __init__(self, data: dict[str, Any], columns: dict[str, str]) -> None:
+        self.data, self.columns = data, columns
+
+    def label(self, name: str) -> str:
+        column = self.columns.get(name)
+        return f"'{name}' (column '{column}')" if column and column != name else f"'{name}'"
+
+    def get(self, name: str, kind: type | tuple[type, ...]) -> Any:
+        value = self.data.get(name)
+        if value is None:
+            raise RowProblem(f"missing required field {self.label(name)}")
+        if not isinstance(value, kind):
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            names = " or ".join("a string" if k is str else f"a {k.__name__}" for k in kinds)
+            raise RowProblem(f"field {self.label(name)} must be {names}")
+        return value
+
+    def text(self, name: str) -> str:
+        value = self.get(name, str)
+        if not value.strip():
+            raise RowProblem(f"field {self.label(name)} is empty")
+        return value
+
+    def optional_text(self, name: str) -> str | None:
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise RowProblem(f"field {self.label(name)} must be a string")
+        return value or None
+
+
+def _messages(messages: list[Any], name: str, columns: dict[str, str]) -> list[dict[str, str]]:
+    if not messages:
+        raise RowProblem(f"'{name}' is empty")
+    role_key, content_key = columns.get("role"), columns.get("content")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RowProblem(f"{name}[{i}] is not an object")
+        speaker = _first_present(message, (role_key, "role", "from"))
+        role = ROLE_ALIASES.get(speaker) if isinstance(speaker, str) else None
+        if role is None:
+            raise RowProblem(
+                f"{name}[{i}] has role {speaker!r} (expected {', '.join(ROLES)}, "
+                "or ShareGPT's human, gpt)"
+            )
+        content = _first_present(message, (content_key, "content", "value"))
+        if not isinstance(content, str):
+            raise RowProblem(f"{name}[{i}] needs a string 'content'")
+        if not content.strip():
+            if role == "system":
+                continue  # an empty system prompt is the same as none
+            raise RowProblem(f"{name}[{i}] ({role}) has empty content")
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise RowProblem("no assistant message to learn from")
+    return out
+
+
+def _first_present(message: dict[str, Any], keys: tuple[str | None, ...]) -> Any:
+    for key in keys:
+        if key is not None and key in message:
+            return message[key]
+    return None
 
 
 def alpaca_user_text(instruction: str, input_text: str | None) -> str:
     return f"{instruction}\n\n{input_text}" if input_text else instruction
 
 
+class Renderer:
+    """Normalized rows → segments for one tokenizer and `train_on` (the chat skeletons and the
+    BOS rule are worked out once, not per row)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, train_on: str) -> None:
+        self.tokenizer, self.train_on = tokenizer, train_on
+        self.bos = bos_text(tokenizer)
+        self.segmenter = ChatSegmenter(tokenizer) if tokenizer.chat_template else None
+
+    def segments(self, data: dict[str, Any], fmt: str) -> list[Segment] | Tokens:
+        """A normalized row as text segments (or the row's own tokens); raises RowProblem."""
+        train_all = self.train_on == "all"
+        if fmt == "tokenized":
+            return Tokens(data["input_ids"], data["labels"])
+        if fmt == "text":
+            return self.document([(data["text"], True)])
+        if fmt == "prompt_completion" and "prompt" in data:
+            return self.document([(data["prompt"], train_all), (data["completion"], True)])
+        if fmt == "alpaca":
+            if self.segmenter is None:
+                template = PLAIN_PROMPT_WITH_INPUT if data["input"] else PLAIN_PROMPT
+                prompt = template.format(instruction=data["instruction"], input=data["input"])
+                return self.document([(prompt, train_all), (data["output"], True)])
+            user = alpaca_user_text(data["instruction"], data["input"])
+            messages = [{"role": "user", "content": user}]
+            messages.append({"role": "assistant", "content": data["output"]})
+            if data["system"]:
+                messages.insert(0, {"role": "system", "content": data["system"]})
+            data = {"messages": messages}
+        return chat_segments(
+            data["messages"],
+            self.tokenizer,
+            self.train_on,
+            data.get("first_reply", 0),
+            self.segmenter,
+        )
+
+    def document(self, segments: list[Segment]) -> list[Segment]:
+        """Raw text: BOS (as the tokenizer adds it), the segments, and a trained EOS."""
+        segments = [(self.bos, False), *segments, (self.tokenizer.eos_token, True)]
+        return [s for s in segments if s[0]]
+
+
 def render_segments(
     data: dict[str, Any], fmt: str, tokenizer: PreTrainedTokenizerBase, train_on: str
-) -> list[Segment]:
-    if fmt == "text":
-        return _with_special_ends(tokenizer, [(data["text"], True)], close_with_eos=True)
-    if fmt == "alpaca":
-        if tokenizer.chat_template is None:
-            template = PLAIN_PROMPT_WITH_INPUT if data.get("input") else PLAIN_PROMPT
-            prompt = template.format(instruction=data["instruction"], input=data.get("input"))
-            segments = [(prompt, train_on == "all"), (data["output"], True)]
-            return _with_special_ends(tokenizer, segments, close_with_eos=True)
-        messages = [
-            {"role": "user", "content": alpaca_user_text(data["instruction"], data.get("input"))},
-            {"role": "assistant", "content": data["output"]},
-        ]
-        if data.get("system"):
-            messages.insert(0, {"role": "system", "content": data["system"]})
-    else:
-        messages = [{"role": m["role"], "content": m["content"]} for m in data["messages"]]
-    return chat_segments(messages, tokenizer, train_on)
+) -> list[Segment] | Tokens:
+    return Renderer(tokenizer, train_on).segments(data, fmt)
 
 
 def chat_segments(
-    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, train_on: str
+    messages: list[dict[str, str]],
+    tokenizer: PreTrainedTokenizerBase,
+    train_on: str,
+    first_reply: int = 0,
+    segmenter: ChatSegmenter | None = None,
 ) -> list[Segment]:
-    """Split the rendered conversation at each assistant turn's start and end."""
+    """Split the rendered conversation at each reply; mark the replies `train_on` selects.
+
+    `first_reply`: replies before this message index are context (a prompt/completion row whose
+    prompt holds earlier turns), never trained unless `train_on: all`."""
     if tokenizer.chat_template is None:
         raise LorakitError(
             "chat data needs a tokenizer with a chat template; this model has none "
-            "(use alpaca or text data)"
+            "(set data.chat_template, or use alpaca, prompt_completion or text data)"
         )
-    segments: list[Segment] = []
-    done = ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
-        full = render_chat(tokenizer, messages[: i + 1])
-        if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise LorakitError(
-                "the chat template does not render conversations turn by turn as prefixes, "
-                "so prompt and response tokens cannot be separated"
-            )
-        segments.append((prompt[len(done) :], train_on == "all"))
-        segments.append((full[len(prompt) :], True))
-        done = full
-    rest = render_chat(tokenizer, messages)[len(done) :]
-    if rest:
-        segments.append((rest, train_on == "all"))
-    return _with_special_ends(tokenizer, segments, close_with_eos=False)
-
-
-def render_chat(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: list[dict[str, str]],
-    add_generation_prompt: bool = False,
-) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    segmenter = segmenter or ChatSegmenter(tokenizer)
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first_reply]
+    if train_on == "last_turn":
+        replies = replies[-1:]
+    trained = set(replies)
+    return [
+        (text, train_on == "all" or reply in trained) for text, reply in segmenter.split(messages)
+    ]
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
     """The text a model is given to answer `user_text`, in the format it was trained on."""
     if tokenizer.chat_template is None:
-        return _bos_text(tokenizer) + PLAIN_PROMPT.format(instruction=user_text)
+        return bos_text(tokenizer) + PLAIN_PROMPT.format(instruction=user_text)
     messages = [{"role": "user", "content": user_text}]
     return render_chat(tokenizer, messages, add_generation_prompt=True)
 
 
-def _bos_text(tokenizer: PreTrainedTokenizerBase) -> str:
-    # Templates carry their own BOS; plain text gets one only if the tokenizer defines it
-    # and it differs from EOS (GPT-2 uses one token for both).
+def bos_text(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The BOS a document starts with: only if the tokenizer defines one distinct from EOS
+    (GPT-2 uses one token for both) and adds it itself when encoding (Llama does; SmolLM2 and
+    Qwen, whose BOS is a chat marker, do not)."""
     bos = tokenizer.bos_token
     if bos is None or bos == tokenizer.eos_token:
         return ""
-    return bos
-
-
-def _with_special_ends(
-    tokenizer: PreTrainedTokenizerBase, segments: list[Segment], close_with_eos: bool
-) -> list[Segment]:
-    if close_with_eos:
-        segments = [*segments, (tokenizer.eos_token, True)]
-        bos = _bos_text(tokenizer)
-        if bos:
-            segments = [(bos, False), *segments]
-    return [s for s in segments if s[0]]
+    added = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if added and added[0] == tokenizer.bos_token_id else ""

@@ -1,7 +1,14 @@
-"""Read dataset files into rows, remembering where each row came from for error messages."""
+"""Read datasets into rows, remembering where each row came from for error messages.
+
+A source is a file (.jsonl, .json, .csv, .parquet, .arrow, .txt), a folder of .txt files, a
+folder written by `datasets`' `save_to_disk`, or a hub dataset id (online). JSON is read here,
+line by line, so a malformed line is reported as `file:line`; the columnar formats and the hub
+go through `datasets`.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +16,8 @@ from typing import Any
 
 from lorakit.errors import LorakitError
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt")
+_SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
 @dataclass(frozen=True)
@@ -19,24 +27,81 @@ class Row:
     """`file:line N` (jsonl) or `file: row N`, for one-line error messages."""
 
 
-def read_rows(path: str) -> list[Row]:
-    file = Path(path)
-    if not file.is_file():
-        raise LorakitError(f"{path}: dataset file not found")
-    suffix = file.suffix.lower()
-    if suffix == ".jsonl":
-        rows = _read_jsonl(file)
-    elif suffix == ".json":
-        rows = _read_json(file)
-    elif suffix in (".csv", ".parquet"):
-        rows = _read_tabular(file, suffix)
+def read_rows(path: str, split: str = "train", name: str | None = None) -> list[Row]:
+    """Every row of one source, in order; an empty source is an error."""
+    source = Path(path).expanduser()
+    if source.is_dir():
+        rows = _read_folder(source, path, split)
+    elif source.is_file():
+        rows = _read_file(source, path)
+    elif looks_like_hub_id(path):
+        rows = _rows_of(_load_hub(path, split, name), path)
     else:
-        raise LorakitError(
-            f"{path}: unsupported dataset file type (use {', '.join(SUPPORTED_SUFFIXES)})"
-        )
+        raise LorakitError(f"{path}: dataset file not found")
     if not rows:
         raise LorakitError(f"{path}: the dataset is empty")
     return rows
+
+
+def looks_like_hub_id(path: str) -> bool:
+    parts = path.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not path.startswith((".", "/", "~"))
+        and Path(path).suffix.lower() not in SUPPORTED_SUFFIXES
+    )
+
+
+def source_fingerprint(path: str, split: str = "train", name: str | None = None) -> str:
+    """A digest of the source's content: file bytes, every file of a folder, or the fingerprint
+    `datasets` keeps for a hub dataset. Equal digests mean equal rows."""
+    source = Path(path).expanduser()
+    digest = hashlib.sha256()
+    if source.is_file():
+        _hash_file(digest, source)
+    elif source.is_dir():
+        for file in sorted(p for p in source.rglob("*") if p.is_file()):
+            digest.update(str(file.relative_to(source)).encode() + b"\0")
+            _hash_file(digest, file)
+    elif looks_like_hub_id(path):
+        digest.update(_load_hub(path, split, name)._fingerprint.encode())
+    else:
+        raise LorakitError(f"{path}: dataset file not found")
+    return digest.hexdigest()
+
+
+def _hash_file(digest: Any, file: Path) -> None:
+    with file.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+
+
+def _read_file(file: Path, path: str) -> list[Row]:
+    suffix = file.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(file)
+    if suffix == ".json":
+        return _read_json(file)
+    if suffix == ".txt":
+        return [Row({"text": file.read_text(encoding="utf-8")}, str(file))]
+    if suffix in (".csv", ".parquet", ".arrow"):
+        return _rows_of(_read_table(file, suffix), str(file))
+    raise LorakitError(
+        f"{path}: unsupported dataset file type (use {', '.join(SUPPORTED_SUFFIXES)}, "
+        "a folder of .txt files, or a folder written by save_to_disk)"
+    )
+
+
+def _read_folder(folder: Path, path: str, split: str) -> list[Row]:
+    if any((folder / name).is_file() for name in _SAVED_DATASET_FILES):
+        return _rows_of(_load_saved(folder, path, split), path)
+    texts = sorted(folder.rglob("*.txt"))
+    if not texts:
+        raise LorakitError(
+            f"{path}: the folder holds neither .txt files nor a dataset written by save_to_disk"
+        )
+    return [Row({"text": file.read_text(encoding="utf-8")}, str(file)) for file in texts]
 
 
 def _read_jsonl(file: Path) -> list[Row]:
@@ -65,12 +130,62 @@ def _read_json(file: Path) -> list[Row]:
     return [Row(v, f"{file}: row {i}") for i, v in enumerate(value, start=1)]
 
 
-def _read_tabular(file: Path, suffix: str) -> list[Row]:
+def _read_table(file: Path, suffix: str):
     from datasets import Dataset
 
-    reader = Dataset.from_csv if suffix == ".csv" else Dataset.from_parquet
     try:
-        table = reader(str(file), keep_in_memory=True)
+        if suffix == ".arrow":
+            return _read_arrow(file)
+        reader = Dataset.from_csv if suffix == ".csv" else Dataset.from_parquet
+        return reader(str(file), keep_in_memory=True)
     except Exception as exc:  # the readers raise many types; the user needs the first line
-        raise LorakitError(f"{file}: cannot read: {str(exc).splitlines()[0]}") from None
-    return [Row(dict(v), f"{file}: row {i}") for i, v in enumerate(table, start=1)]
+        raise LorakitError(f"{file}: cannot read: {_first_line(exc)}") from None
+
+
+def _read_arrow(file: Path):
+    """An Arrow stream (what `datasets` writes) or an Arrow IPC file."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    try:
+        return Dataset.from_file(str(file), in_memory=True)
+    except Exception:  # not a stream: try the random-access file format
+        with pa.memory_map(str(file)) as source:
+            return Dataset(pa.ipc.open_file(source).read_all())
+
+
+def _load_saved(folder: Path, path: str, split: str):
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        saved = load_from_disk(str(folder), keep_in_memory=True)
+    except Exception as exc:
+        raise LorakitError(f"{path}: cannot read the saved dataset: {_first_line(exc)}") from None
+    if isinstance(saved, DatasetDict):
+        if split not in saved:
+            raise LorakitError(
+                f"{path}: no split {split!r} (it has {', '.join(saved)}); set split:"
+            )
+        return saved[split]
+    return saved
+
+
+def _load_hub(path: str, split: str, name: str | None):
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(path, name=name, split=split)
+    except Exception as exc:
+        raise LorakitError(
+            f"{path}: cannot load the hub dataset (offline, or not a dataset id?): "
+            f"{_first_line(exc)}"
+        ) from None
+
+
+def _rows_of(table, path: str) -> list[Row]:
+    return [Row(v, f"{path}: row {i}") for i, v in enumerate(table.to_list(), start=1)]
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
