@@ -58,7 +58,7 @@ def resolve_model(reference: str, convert: bool = True) -> ResolvedModel:
         if not (path / "config.json").is_file():
             raise LorakitError(f"model.name_or_path: {reference} has no config.json")
         return ResolvedModel(reference, str(path.resolve()), "folder")
-    if _looks_like_hub_id(reference):
+    if looks_like_hub_id(reference) and not Path(reference.split("/")[0]).exists():
         return ResolvedModel(reference, reference, "hub")
     raise LorakitError(
         f"model.name_or_path: {reference!r} is not a local model folder, a .gguf file, "
@@ -66,14 +66,10 @@ def resolve_model(reference: str, convert: bool = True) -> ResolvedModel:
     )
 
 
-def _looks_like_hub_id(reference: str) -> bool:
+def looks_like_hub_id(reference: str) -> bool:
+    """The shape of a hub id (`owner/name`), for models and datasets alike."""
     parts = reference.split("/")
-    return (
-        len(parts) == 2
-        and all(parts)
-        and not reference.startswith((".", "/", "~"))
-        and not Path(parts[0]).exists()
-    )
+    return len(parts) == 2 and all(parts) and not reference.startswith((".", "/", "~"))
 
 
 def _file_in_package(package: str, filename: str, alias: str) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
+from lorakit.models import looks_like_hub_id
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt")
 _SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -34,7 +35,7 @@ def read_rows(path: str, split: str = "train", name: str | None = None) -> list[
         rows = _read_folder(source, path, split)
     elif source.is_file():
         rows = _read_file(source, path)
-    elif looks_like_hub_id(path):
+    elif looks_like_hub_dataset(path):
         rows = _rows_of(_load_hub(path, split, name), path)
     else:
         raise LorakitError(f"{path}: dataset file not found")
@@ -43,14 +44,9 @@ def read_rows(path: str, split: str = "train", name: str | None = None) -> list[
     return rows
 
 
-def looks_like_hub_id(path: str) -> bool:
-    parts = path.split("/")
-    return (
-        len(parts) == 2
-        and all(parts)
-        and not path.startswith((".", "/", "~"))
-        and Path(path).suffix.lower() not in SUPPORTED_SUFFIXES
-    )
+def looks_like_hub_dataset(path: str) -> bool:
+    """`owner/name` that is not a missing local file such as `data/train.jsonl`."""
+    return looks_like_hub_id(path) and Path(path).suffix.lower() not in SUPPORTED_SUFFIXES
 
 
 def source_fingerprint(path: str, split: str = "train", name: str | None = None) -> str:
@@ -64,7 +60,7 @@ def source_fingerprint(path: str, split: str = "train", name: str | None = None)
         for file in sorted(p for p in source.rglob("*") if p.is_file()):
             digest.update(str(file.relative_to(source)).encode() + b"\0")
             _hash_file(digest, file)
-    elif looks_like_hub_id(path):
+    elif looks_like_hub_dataset(path):
         digest.update(_load_hub(path, split, name)._fingerprint.encode())
     else:
         raise LorakitError(f"{path}: dataset file not found")
