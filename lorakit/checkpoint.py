@@ -93,6 +93,8 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        # mkdtemp makes the folder private (0700); the result should read like any folder.
+        staging.chmod(0o777 & ~_umask())
         yield staging
         if target.exists():
             retired = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -103,6 +105,12 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -470,12 +478,17 @@ def encode_state(value: Any) -> tuple[dict[str, torch.Tensor], Any]:
     """Split a nested state (dicts, lists, tuples, numbers, tensors) into a flat dict of
     tensors and a JSON-able structure that names them."""
     tensors: dict[str, torch.Tensor] = {}
+    names: dict[tuple, str] = {}
 
     def encode(item: Any) -> Any:
         if isinstance(item, torch.Tensor):
-            name = f"t{len(tensors)}"
-            tensors[name] = item.detach().to("cpu").contiguous()
-            return {"$tensor": name}
+            # One tensor referenced twice (bitsandbytes shares its quantization maps between
+            # parameters) is stored once; copies keep other views from sharing storage.
+            key = (item.data_ptr(), item.dtype, tuple(item.shape), tuple(item.stride()))
+            if key not in names:
+                names[key] = f"t{len(tensors)}"
+                tensors[names[key]] = item.detach().to("cpu", copy=True).contiguous()
+            return {"$tensor": names[key]}
         return _encode_value(item, encode)
 
     return tensors, encode(value)

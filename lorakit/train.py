@@ -8,6 +8,7 @@ in one sitting; the helpers below it are small and named for what they decide.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -25,6 +26,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, gather_objec
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
@@ -157,6 +159,17 @@ def batch_stream(
         epoch, consumed = epoch + 1, 0
 
 
+def launched_one_cpu_process(num_processes: int) -> bool:
+    """True under `accelerate launch --cpu --num_processes N>1` without mpirun: Accelerate
+    then runs the script once, leaving MASTER_ADDR set and no process count."""
+    return (
+        num_processes == 1
+        and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
+        and "MASTER_ADDR" in os.environ
+        and not any(k in os.environ for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    )
+
+
 def forward_backward(
     accelerator: Accelerator, loss_module: torch.nn.Module, micro_batches: list[dict]
 ) -> tuple[float, int]:
@@ -220,13 +233,23 @@ def train(
     run_dir = Path(recipe.output.dir)
     check_trackers(tcfg.report_to)
     accelerator = Accelerator(
+        # Without this a CPU-only machine ignores a multi-process launch (torchrun,
+        # `accelerate launch --multi_gpu`): every process would train alone on all the data.
+        cpu=not torch.cuda.is_available(),
         log_with=tcfg.report_to or None,
         project_config=ProjectConfiguration(
             project_dir=str(run_dir), logging_dir=str(run_dir / LOGS_DIR)
         ),
     )
     main = accelerator.is_main_process
-    say = console.print if main else (lambda *a, **k: None)
+    say = _printer(console) if main else (lambda message: None)
+    if launched_one_cpu_process(accelerator.num_processes):
+        say(
+            "[yellow]warning:[/yellow] `accelerate launch --cpu` started ONE process: Accelerate "
+            "starts several CPU processes only through mpirun (--mpirun_hostfile). For N "
+            "processes (gloo) use `accelerate launch --multi_gpu --num_processes N -m lorakit "
+            "train …` or `torchrun --nproc_per_node N -m lorakit train …`"
+        )
     set_seed(tcfg.seed)
 
     # Everything that can fail on user input happens before the run folder is touched.
@@ -662,7 +685,7 @@ def _save_checkpoint(
                 adapter_state=adapter_state,
             )
             prune_checkpoints(run_dir, recipe.train.save_total_limit)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:
             failure = _save_failure(target, exc, run_dir)
     _raise_if_any_failed(accelerator, failure)
     return target
@@ -691,13 +714,15 @@ def _save_final_adapter(
             (run_dir / PROVENANCE_FILE).write_text(
                 (target / PROVENANCE_FILE).read_text(), encoding="utf-8"
             )
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:
             failure = _save_failure(target, exc, run_dir)
     _raise_if_any_failed(accelerator, failure)
 
 
-def _save_failure(target: Path, exc: OSError, run_dir: Path) -> LorakitError:
-    reason = exc.strerror or str(exc)
+def _save_failure(target: Path, exc: OSError | SafetensorError, run_dir: Path) -> LorakitError:
+    # safetensors reports I/O errors as SafetensorError("...StorageFull...No space left...").
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    filename = exc.filename if isinstance(exc, OSError) else None
     saved = list_checkpoints(run_dir)
     kept = (
         f"the previous checkpoint {saved[-1][1]} is intact"
@@ -706,7 +731,7 @@ def _save_failure(target: Path, exc: OSError, run_dir: Path) -> LorakitError:
     )
     return LorakitError(
         f"cannot write {target}: {reason}"
-        + (f" ({exc.filename})" if exc.filename else "")
+        + (f" ({filename})" if filename else "")
         + f"\n{kept}; free some space or fix the folder's permissions, then continue with "
         "--resume"
     )
@@ -751,6 +776,14 @@ def _gathered_optimizer_state(
 
 
 # --- What the user sees -------------------------------------------------------------------
+
+
+def _printer(console: Console):
+    def say(message: Any) -> None:
+        # Log lines stay whole (paths included) when stderr is a file or a pipe.
+        console.print(message, soft_wrap=isinstance(message, str))
+
+    return say
 
 
 def _progress(console: Console, enabled: bool) -> Progress:
