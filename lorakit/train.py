@@ -59,7 +59,7 @@ from lorakit.data.batching import EpochShuffle
 from lorakit.data.pipeline import PreparedData
 from lorakit.errors import LorakitError
 from lorakit.evaluate import evaluate_loss, generate
-from lorakit.loss import TokenNLL
+from lorakit.loss import TokenNLL, causal_lm_of
 from lorakit.models import ResolvedModel, load_tokenizer, resolve_model
 from lorakit.peft_setup import ModelSummary, build_trainable_model
 from lorakit.recipe import EarlyStopping, Recipe, TrainSection
@@ -194,6 +194,19 @@ def forward_backward(
     return total_nll / max(step_tokens, 1), step_tokens
 
 
+def clip_gradients(
+    accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float
+) -> float:
+    """Clip to `max_norm` and return the total gradient norm. Non-finite gradients are left
+    as they are (the step is skipped anyway), so a diagnosis can name where they came from."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if torch.isfinite(total):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
+
+
 def provenance(
     recipe: Recipe, model: ResolvedModel, tokenizer_name: str, extra: dict[str, Any]
 ) -> dict[str, Any]:
@@ -259,11 +272,15 @@ def train(
     run_fingerprints = fingerprints(recipe, tokenizer)
     if checkpoint is not None:
         _check_resumable(checkpoint, run_fingerprints, accelerator.num_processes, force, say)
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded:
+        _check_fsdp_recipe(recipe)
     data = prepare_data(recipe, tokenizer)
-    model, summary = build_trainable_model(recipe, resolved.location, accelerator.device)
+    model, summary = build_trainable_model(recipe, resolved.location, accelerator.device, sharded)
     say(_model_table(recipe, resolved, summary))
     say(_data_line(data))
-    prompts = list(recipe.eval.sample_prompts)
+    # Under FSDP the model is whole on no GPU until `prepare`, and sharded after: no samples.
+    prompts = [] if sharded else list(recipe.eval.sample_prompts)
     before_samples = generate(model, tokenizer, prompts, recipe.eval.max_new_tokens) if main else []
     if checkpoint is not None:
         # Before `prepare`, so FSDP shards the restored weights.
@@ -275,8 +292,11 @@ def train(
         data.validation, tcfg.micro_batch_size, pad_id, tcfg.seed, shuffle=False
     )
     sampler = train_loader.sampler
+    loss_module = TokenNLL(model)
+    # FSDP's auto-wrap shards the layers the model names as unsplittable (its decoder layers).
+    loss_module._no_split_modules = getattr(causal_lm_of(model), "_no_split_modules", None)
     loss_module, optimizer, train_loader, val_loader = accelerator.prepare(
-        TokenNLL(model), build_optimizer(model, tcfg), train_loader, val_loader
+        loss_module, build_optimizer(model, tcfg), train_loader, val_loader
     )
     total_steps = count_optimizer_steps(tcfg, len(train_loader))
     # Not passed to `prepare`: Accelerate would step it once per process per optimizer step.
@@ -338,7 +358,7 @@ def train(
                 epoch, consumed, batch = next(batches)
                 step_batches.append(batch)
             loss, step_tokens = forward_backward(accelerator, loss_module, step_batches)
-            grad_norm = float(accelerator.clip_grad_norm_(trainable, max_norm))
+            grad_norm = clip_gradients(accelerator, trainable, max_norm)
             lr = scheduler.get_last_lr()[0]
             finite = math.isfinite(loss) and math.isfinite(grad_norm)
             if finite:
@@ -504,6 +524,27 @@ def _check_resumable(
         )
     for change in changes:
         say(f"[yellow]warning:[/yellow] resuming with --force although {change}")
+
+
+def _check_fsdp_recipe(recipe: Recipe) -> None:
+    """FSDP flattens tensors of one dtype, and bitsandbytes' 8-bit optimizer state cannot be
+    gathered into a checkpoint: say so before loading anything."""
+    quant = recipe.quant
+    if quant.load_in_4bit and (
+        quant.bnb_4bit_compute_dtype == "auto"
+        or quant.bnb_4bit_quant_storage != quant.bnb_4bit_compute_dtype
+    ):
+        raise LorakitError(
+            "quant.bnb_4bit_quant_storage: FSDP flattens tensors of one dtype, so the 4-bit "
+            "weights must be stored in the compute dtype: set quant.bnb_4bit_compute_dtype and "
+            "quant.bnb_4bit_quant_storage to the same dtype (bfloat16 on current GPUs); see "
+            "configs/accelerate/fsdp-qlora.yaml"
+        )
+    if recipe.train.optimizer != "adamw_torch":
+        raise LorakitError(
+            f"train.optimizer: {recipe.train.optimizer} cannot be checkpointed under FSDP; use "
+            "adamw_torch"
+        )
 
 
 def _load_optimizer_state(

@@ -234,24 +234,27 @@ def test_second_ctrl_c_aborts_at_once_and_sigterm_repeats_are_ignored():
 def test_abort_during_a_checkpoint_write_leaves_no_partial_checkpoint(
     tiny_model, write_recipe, monkeypatch
 ):
+    """A second Ctrl-C can land while a checkpoint is half written: the half is removed."""
+    import lorakit.checkpoint as checkpoint_module
+
     recipe = load_recipe(
         write_recipe(tiny_model("llama"), quant=FP32, train={"max_steps": 4, "save_steps": 2})
     )
-    original = train_module.write_checkpoint
-    calls = {"n": 0}
+    original = checkpoint_module.save_file
+    seen = []
 
-    def interrupted(target, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            (target.parent / f".{target.name}.probe").mkdir()  # proves the folder was writable
+    def interrupted(tensors, filename, metadata=None):
+        seen.append(sorted(p.name for p in Path(filename).parent.iterdir()))
+        if len(seen) == 2:  # the optimizer file of the second checkpoint, adapter already in
             raise KeyboardInterrupt
-        return original(target, *args, **kwargs)
+        return original(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(train_module, "write_checkpoint", interrupted)
+    monkeypatch.setattr(checkpoint_module, "save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(recipe)
+    assert "adapter_model.safetensors" in seen[1]
     root = Path(recipe.output.dir) / "checkpoints"
-    assert sorted(p.name for p in root.iterdir()) == [".step-4.probe", "step-2"]
+    assert sorted(p.name for p in root.iterdir()) == ["step-2"]
     assert read_checkpoint(root / "step-2").state.step == 2
 
 
