@@ -3,6 +3,7 @@ trackers (TensorBoard, Weights & Biases, MLflow through Accelerate), and loss.pn
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -17,9 +18,9 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 PROJECT_NAME = "lorakit"
 LOGS_DIR = "logs"
-"""Tracker files inside the run folder: logs/lorakit/ (TensorBoard), logs/wandb/, logs/mlruns/."""
+"""Tracker files inside the run folder: logs/lorakit/ (TensorBoard), logs/wandb/, logs/mlflow.db."""
 
-_INSTALL = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
+_INSTALL = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 def check_trackers(report_to: list[str]) -> None:
@@ -40,6 +41,13 @@ def check_trackers(report_to: list[str]) -> None:
             raise LorakitError(
                 f"train.report_to: {name} is not installed (pip install {_INSTALL[name]})"
             )
+    if "mlflow" in report_to and "MLFLOW_TRACKING_URI" not in os.environ:
+        missing = [m for m in ("sqlalchemy", "alembic") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise LorakitError(
+                f"train.report_to: mlflow's local store needs {' and '.join(missing)} "
+                f"(pip install {' '.join(missing)}), or set MLFLOW_TRACKING_URI to a server"
+            )
 
 
 def start_trackers(accelerator: Accelerator, recipe: Recipe, run_dir: Path) -> None:
@@ -51,14 +59,17 @@ def start_trackers(accelerator: Accelerator, recipe: Recipe, run_dir: Path) -> N
     logs = (run_dir / LOGS_DIR).resolve()
     init_kwargs: dict[str, dict[str, Any]] = {}
     if "wandb" in recipe.train.report_to:
-        (logs / "wandb").mkdir(parents=True, exist_ok=True)
-        init_kwargs["wandb"] = {"name": run_dir.name, "dir": str(logs / "wandb")}
+        logs.mkdir(parents=True, exist_ok=True)
+        init_kwargs["wandb"] = {"name": run_dir.name, "dir": str(logs)}  # writes logs/wandb/
     if "mlflow" in recipe.train.report_to:
         init_kwargs["mlflow"] = {"run_name": run_dir.name}
         if accelerator.is_main_process and "MLFLOW_TRACKING_URI" not in os.environ:
             import mlflow
 
-            mlflow.set_tracking_uri((logs / "mlruns").as_uri())
+            # A local SQLite store (MLflow's file store is deprecated); `mlflow ui
+            # --backend-store-uri sqlite:///<run>/logs/mlflow.db` shows it.
+            logs.mkdir(parents=True, exist_ok=True)
+            mlflow.set_tracking_uri(f"sqlite:///{logs / 'mlflow.db'}")
     accelerator.init_trackers(PROJECT_NAME, config=tracker_config(recipe), init_kwargs=init_kwargs)
 
 
