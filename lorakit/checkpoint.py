@@ -334,8 +334,11 @@ class Checkpoint:
     def adapter_weights(self) -> dict[str, torch.Tensor]:
         return load_file(self.path / ADAPTER_WEIGHTS)
 
-    def rng_state(self, rank: int) -> dict[str, Any]:
-        return read_json(self.path / f"rng-{rank}.json")
+    def rng_state(self, rank: int) -> dict[str, Any] | None:
+        """This process's random state; None for a rank the checkpoint did not have (a
+        resume with another process count, under --force)."""
+        path = self.path / f"rng-{rank}.json"
+        return read_json(path) if path.is_file() else None
 
 
 def read_checkpoint(path: Path) -> Checkpoint:

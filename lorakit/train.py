@@ -208,9 +208,14 @@ def clip_gradients(
 
 
 def provenance(
-    recipe: Recipe, model: ResolvedModel, tokenizer_name: str, extra: dict[str, Any]
+    recipe: Recipe,
+    model: ResolvedModel,
+    tokenizer_name: str,
+    extra: dict[str, Any],
+    data_hashes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """What an adapter needs to be reproduced or merged without the training YAML."""
+    """What an adapter needs to be reproduced or merged without the training YAML.
+    `data_hashes`: the data files' sha256, when already computed."""
     return {
         "lorakit_version": lorakit.__version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -220,7 +225,7 @@ def provenance(
             "location": model.location,
         },
         "tokenizer": tokenizer_name,
-        "data": data_fingerprint(recipe),
+        "data": data_hashes if data_hashes is not None else data_fingerprint(recipe),
         "libraries": {
             name: version(name)
             for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
@@ -269,13 +274,13 @@ def train(
     checkpoint = _checkpoint_to_resume(resume, run_dir, overwrite, say)
     resolved = resolve_model(recipe.model.name_or_path)
     tokenizer = load_tokenizer(resolved.location, recipe.model.trust_remote_code)
+    data = prepare_data(recipe, tokenizer)
     run_fingerprints = fingerprints(recipe, tokenizer)
     if checkpoint is not None:
         _check_resumable(checkpoint, run_fingerprints, accelerator.num_processes, force, say)
     sharded = accelerator.distributed_type == DistributedType.FSDP
     if sharded:
         _check_fsdp_recipe(recipe)
-    data = prepare_data(recipe, tokenizer)
     model, summary = build_trainable_model(recipe, resolved.location, accelerator.device, sharded)
     say(_model_table(recipe, resolved, summary))
     say(_data_line(data))
@@ -335,7 +340,9 @@ def train(
         )
     if checkpoint is not None:
         say(f"resuming from {checkpoint.path} at step {state.step}/{total_steps}")
-        restore_rng_state(checkpoint.rng_state(accelerator.process_index))
+        rng = checkpoint.rng_state(accelerator.process_index)
+        if rng is not None:
+            restore_rng_state(rng)
 
     batches = batch_stream(train_loader, sampler, state.epoch, state.batches_in_epoch)
     per_epoch = len(train_loader)
@@ -398,7 +405,7 @@ def train(
                 if plain_log and step % tcfg.logging_steps == 0:
                     say(
                         f"step {step}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                        f"{session_tokens / elapsed:.0f} trained tok/s"
+                        f"{tps:.0f} trained tok/s"
                     )
 
             state.eval_loss = None
@@ -424,7 +431,8 @@ def train(
                 or state.stop_reason
                 or (tcfg.save_steps and step % tcfg.save_steps == 0)
             ):
-                state.train_seconds += time.perf_counter() - loop_started
+                saving = time.perf_counter()
+                state.train_seconds += saving - loop_started
                 last_saved = _save_checkpoint(
                     accelerator,
                     loss_module,
@@ -437,6 +445,9 @@ def train(
                     run_fingerprints,
                 )
                 loop_started, session_tokens = time.perf_counter(), 0
+                if main:
+                    size = sum(f.stat().st_size for f in last_saved.iterdir()) / 2**20
+                    say(f"saved {last_saved} ({size:.1f} MiB, {loop_started - saving:.2f} s)")
             if signum:
                 raise TrainingStopped(signum, step, last_saved)
 
@@ -449,7 +460,9 @@ def train(
             "skipped_steps": state.skipped_steps,
             "resumed_from": state.resumed_from,
         }
-        _save_final_adapter(accelerator, loss_module, tokenizer, recipe, resolved, extra)
+        _save_final_adapter(
+            accelerator, loss_module, tokenizer, recipe, resolved, extra, run_fingerprints["data"]
+        )
     after_samples = generate(model, tokenizer, prompts, recipe.eval.max_new_tokens) if main else []
     metrics.close()
     if main:
@@ -709,7 +722,13 @@ def _save_checkpoint(
     optimizer_state = _gathered_optimizer_state(accelerator, loss_module, optimizer)
     failure = None
     if accelerator.is_main_process:
-        info = provenance(recipe, resolved, tokenizer.name_or_path, {"steps": state.step})
+        info = provenance(
+            recipe,
+            resolved,
+            tokenizer.name_or_path,
+            {"steps": state.step},
+            run_fingerprints["data"],
+        )
         try:
             write_checkpoint(
                 target,
@@ -739,6 +758,7 @@ def _save_final_adapter(
     recipe: Recipe,
     resolved: ResolvedModel,
     extra: dict[str, Any],
+    data_hashes: dict[str, str],
 ) -> None:
     run_dir = Path(recipe.output.dir)
     target = run_dir / ADAPTER_DIR
@@ -748,7 +768,7 @@ def _save_final_adapter(
         best = best_checkpoint(run_dir)
         if best is not None:
             extra = {**extra, "best_checkpoint": str(best[0]), "best_eval_loss": best[1]}
-        info = provenance(recipe, resolved, tokenizer.name_or_path, extra)
+        info = provenance(recipe, resolved, tokenizer.name_or_path, extra, data_hashes)
         model = accelerator.unwrap_model(loss_module).model
         try:
             save_adapter(target, model, tokenizer, recipe, info, adapter_state)

@@ -331,3 +331,24 @@ def test_resume_auto_refuses_a_run_folder_without_checkpoints(tiny_model, write_
     (run_dir / "metrics.jsonl").write_text("")
     with pytest.raises(LorakitError, match="holds no checkpoint to continue from"):
         train(load_recipe(path), resume="auto")
+
+
+def test_a_missing_data_file_is_one_clear_error_when_resuming(tiny_model, write_recipe):
+    path = write_recipe(tiny_model("llama"), quant=FP32)
+    result = CliRunner().invoke(
+        app, ["train", str(path), "--resume", "auto", "--set", "data.train=nowhere.jsonl"]
+    )
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == ["error: nowhere.jsonl: dataset file not found"], (
+        result.stderr
+    )
+
+
+def test_an_abort_exits_130_saying_the_checkpoints_are_kept(tiny_model, write_recipe, monkeypatch):
+    def aborted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", aborted)
+    result = CliRunner().invoke(app, ["train", str(write_recipe(tiny_model("llama")))])
+    assert result.exit_code == 130
+    assert result.stderr.strip() == "aborted; the checkpoints written so far are intact"
