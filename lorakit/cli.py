@@ -73,12 +73,49 @@ def train_command(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing run folder.")
     ] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            metavar="auto|PATH",
+            help="Continue exactly from a checkpoint: `auto` (the run folder's latest, or a new "
+            "run when there is none yet) or a checkpoint / run folder.",
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Resume even if the recipe, data or tokenizer changed since then."
+        ),
+    ] = False,
 ) -> None:
-    """Fine-tune a model with (Q)LoRA as the recipe says; writes a run folder with the adapter."""
-    from lorakit.recipe import load_recipe
-    from lorakit.train import train
+    """Fine-tune a model with (Q)LoRA as the recipe says; writes a run folder with the adapter.
 
-    train(load_recipe(recipe, set_ or ()), overwrite=overwrite, console=console)
+    Ctrl-C (or SIGTERM) finishes the current optimizer step, writes a checkpoint and exits
+    (130 / 143); a second Ctrl-C aborts at once."""
+    from lorakit.recipe import load_recipe
+    from lorakit.train import TrainingStopped, train
+
+    if resume is not None and resume.startswith("-"):
+        raise LorakitError(
+            f"--resume: expected auto or a checkpoint path, got {resume!r} (e.g. --resume auto)"
+        )
+    try:
+        train(
+            load_recipe(recipe, set_ or ()),
+            overwrite=overwrite,
+            resume=resume,
+            force=force,
+            console=console,
+        )
+    except TrainingStopped as stopped:
+        print(f"{stopped}; checkpoint: {stopped.checkpoint}", file=sys.stderr)
+        again = "".join(f" --set {item}" for item in set_ or ())
+        print(f"resume with: lorakit train {recipe}{again} --resume auto", file=sys.stderr)
+        raise typer.Exit(stopped.exit_code) from None
+    except KeyboardInterrupt:
+        print("aborted; the checkpoints written so far are intact", file=sys.stderr)
+        raise typer.Exit(130) from None
 
 
 @app.command("validate")

@@ -56,17 +56,21 @@ def build_bnb_config(quant: QuantSection, compute_dtype: torch.dtype) -> BitsAnd
 
 
 def load_base_model(
-    recipe: Recipe, location: str, device: torch.device
+    recipe: Recipe, location: str, device: torch.device, sharded: bool = False
 ) -> tuple[PreTrainedModel, torch.dtype]:
-    """Load the frozen base: 4-bit when the recipe asks for it, else in the compute dtype."""
+    """Load the frozen base: 4-bit when the recipe asks for it, else in the compute dtype.
+
+    `sharded` (FSDP): the weights stay on the CPU for FSDP to shard onto the GPUs, and every
+    tensor takes the 4-bit storage dtype, because FSDP flattens tensors of one dtype."""
     dtype = choose_compute_dtype(recipe.quant.bnb_4bit_compute_dtype, device)
     kwargs = {}
-    if device.type == "cuda":
+    if device.type == "cuda" and not sharded:
         kwargs["device_map"] = {"": device}
+    storage = getattr(torch, recipe.quant.bnb_4bit_quant_storage)
     model = AutoModelForCausalLM.from_pretrained(
         location,
         quantization_config=build_bnb_config(recipe.quant, dtype),
-        dtype=dtype,
+        dtype=storage if sharded and recipe.quant.load_in_4bit else dtype,
         attn_implementation=recipe.model.attn_implementation,
         trust_remote_code=recipe.model.trust_remote_code,
         revision=recipe.model.revision,
@@ -185,14 +189,21 @@ def describe_quantization(quant: QuantSection) -> str:
 
 
 def build_trainable_model(
-    recipe: Recipe, location: str, device: torch.device
+    recipe: Recipe, location: str, device: torch.device, sharded: bool = False
 ) -> tuple[PeftModel, ModelSummary]:
-    """Base model (4-bit or not) with LoRA adapters attached and checkpointing set up."""
-    model, dtype = load_base_model(recipe, location, device)
+    """Base model (4-bit or not) with LoRA adapters attached and checkpointing set up.
+
+    `sharded` (FSDP QLoRA): no fp32 up-casting of norms and adapters, which would mix dtypes
+    inside the tensors FSDP flattens."""
+    model, dtype = load_base_model(recipe, location, device, sharded)
     keep_4bit_layers_differentiable(model)
     targets = resolve_target_modules(model, recipe.lora.target_modules)
     checkpointing = {"use_reentrant": False}
-    if recipe.quant.load_in_4bit:
+    if sharded:
+        if recipe.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+            model.enable_input_require_grads()
+    elif recipe.quant.load_in_4bit:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe.train.gradient_checkpointing,
@@ -202,7 +213,9 @@ def build_trainable_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     model.config.use_cache = False
     try:
-        peft_model = get_peft_model(model, build_lora_config(recipe.lora, targets))
+        peft_model = get_peft_model(
+            model, build_lora_config(recipe.lora, targets), autocast_adapter_dtype=not sharded
+        )
     except ValueError as exc:
         raise LorakitError(f"lora: {str(exc).splitlines()[0]}") from None
     trainable, total = peft_model.get_nb_trainable_parameters()

@@ -28,6 +28,7 @@ from lorakit.errors import LorakitError
 
 TARGET_PRESETS = ("all-linear", "attention", "mlp")
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 class _Section(BaseModel):
@@ -199,6 +200,13 @@ class DataSection(_Section):
         return self
 
 
+class EarlyStopping(_Section):
+    patience: PositiveInt = 3
+    """Stop after this many evaluations in a row without improvement."""
+    min_delta: float = Field(0.0, ge=0)
+    """An evaluation improves on the best so far when its loss is lower by more than this."""
+
+
 class TrainSection(_Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: PositiveInt | None = None
@@ -218,8 +226,30 @@ class TrainSection(_Section):
     eval_steps: PositiveInt | None = None
     """Evaluate every N optimizer steps (always before the first and after the last)."""
     save_steps: PositiveInt | None = None
-    """Write a checkpoint every N optimizer steps (always at the end)."""
+    """Write a checkpoint every N optimizer steps (always at the end and when stopped by a
+    signal)."""
+    save_total_limit: PositiveInt | None = 2
+    """Keep the last N checkpoints, plus the one with the best eval loss; null keeps all."""
     logging_steps: PositiveInt = 1
+    report_to: list[Literal[TRACKERS]] = []  # type: ignore[valid-type]
+    """Trackers fed besides metrics.jsonl (through Accelerate): tensorboard, wandb, mlflow."""
+    max_bad_steps: PositiveInt = 5
+    """A step with a NaN/inf loss or gradient is skipped; abort after this many in a row."""
+    early_stopping: EarlyStopping | None = None
+    """Stop when the eval loss stops improving (needs eval_steps and validation data)."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_is_a_list(cls, value: Any) -> Any:
+        if value is None or value == "none":
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evaluations(self) -> TrainSection:
+        if self.early_stopping is not None and self.eval_steps is None:
+            raise ValueError("early_stopping needs eval_steps (evaluate every N steps)")
+        return self
 
 
 class EvalSection(_Section):
@@ -242,6 +272,16 @@ class Recipe(_Section):
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     output: OutputSection
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_validation_data(self) -> Recipe:
+        if self.train.early_stopping is not None and not (
+            self.data.validation or self.data.val_split
+        ):
+            raise ValueError(
+                "train.early_stopping needs validation data (data.validation or data.val_split)"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -375,6 +415,10 @@ _SYNONYMS = {
     "output_dir": "dir",
     "base_model": "name_or_path",
     "model_name_or_path": "name_or_path",
+    "log_with": "report_to",
+    "early_stopping_patience": "early_stopping",
+    "early_stopping_threshold": "min_delta",
+    "threshold": "min_delta",
 }
 
 

@@ -93,4 +93,7 @@ def make_loader(
         batch_size=batch_size,
         sampler=EpochShuffle(len(examples), seed, shuffle),
         collate_fn=lambda batch: collate(batch, pad_token_id, flatten),
+        # Each new iterator draws a seed; from its own generator it leaves the global torch RNG
+        # (dropout) alone, so a run resumed mid-epoch draws the same masks as an unbroken one.
+        generator=torch.Generator().manual_seed(seed),
     )
