@@ -1,0 +1,410 @@
+"""`lorakit eval` and `lorakit generate` on tiny models built in the session: loss and perplexity
+against an independent computation from the logits, memorized answers, the comparison table,
+streaming chat, and one-line errors for bad input."""
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from typer.testing import CliRunner
+
+from lorakit.cli import app
+from lorakit.evaluate import (
+    EvalOptions,
+    greedy_continuations,
+    load_eval_rows,
+    prompt_token_ids,
+    run_eval,
+    stop_token_ids,
+)
+from lorakit.metrics import (
+    compile_regex,
+    corpus_chrf,
+    normalize,
+    parse_metrics,
+    regex_match,
+    score_generations,
+    sentence_chrf,
+)
+from lorakit.peft_setup import keep_4bit_layers_differentiable
+from lorakit.recipe import load_recipe
+from lorakit.targets import load_target, resolve_target
+from lorakit.train import train
+from tests.conftest import FACTS, build_tokenizer, fact_rows, write_jsonl
+
+CPU = torch.device("cpu")
+
+
+def run(*args: str, input: str | None = None):
+    result = CliRunner().invoke(app, [str(a) for a in args], input=input, env={"COLUMNS": "200"})
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def memorized(tiny_model, tmp_path_factory):
+    """A QLoRA adapter (NF4, fp32 compute) trained to recite the eight facts."""
+    folder = tmp_path_factory.mktemp("memorized")
+    data = write_jsonl(folder / "facts.jsonl", fact_rows())
+    recipe_path = folder / "memorize.yaml"
+    recipe_path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(tiny_model("llama"))},
+                "quant": {"bnb_4bit_compute_dtype": "float32"},
+                "lora": {"r": 8, "lora_alpha": 16},
+                "data": {"train": str(data), "validation": str(data), "max_seq_len": 64},
+                "train": {
+                    "max_steps": 40,
+                    "micro_batch_size": 4,
+                    "gradient_accumulation_steps": 2,
+                    "learning_rate": 2e-2,
+                },
+                "output": {"dir": str(folder / "run")},
+            }
+        )
+    )
+    result = train(load_recipe(recipe_path))
+    return result, data
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and perplexity
+
+
+def _independent_nll(model, tokenizer, rows) -> tuple[float, int]:
+    """Sum of -log p(token) over the assistant answers (and their end-of-turn), from the full
+    logits in float64; prompt and answer are tokenized separately, as a chat template splits
+    them."""
+    total, count = 0.0, 0
+    for row in rows:
+        messages = row["messages"]
+        prompt = tokenizer.apply_chat_template(
+            messages[:-1], tokenize=False, add_generation_prompt=True
+        )
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + answer_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].double()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        for position in range(len(prompt_ids), ids.shape[1]):
+            total -= log_probs[position - 1, ids[0, position]].item()
+            count += 1
+    return total, count
+
+
+def _load_adapter_as_trained(base_dir, adapter_dir):
+    base = AutoModelForCausalLM.from_pretrained(
+        base_dir,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        ),
+        dtype=torch.float32,
+    )
+    keep_4bit_layers_differentiable(base)
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+def test_perplexity_equals_exp_of_mean_token_nll_from_logits(memorized, tiny_model, tmp_path):
+    result, data = memorized
+    base_dir = tiny_model("llama")
+    options = EvalOptions(metrics=["loss", "perplexity"], dtype="float32")
+    report = run_eval([str(base_dir), str(result.run_dir)], [str(data)], options)
+    base_scores, adapter_scores = report.results
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    rows = fact_rows()
+    base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    nll, count = _independent_nll(base_model, tokenizer, rows)
+    assert base_scores.trained_tokens == count
+    assert base_scores.scores["loss"] == pytest.approx(nll / count, abs=1e-5)
+    # A random tiny model has a perplexity in the hundreds: compare it relatively.
+    assert base_scores.scores["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+    adapter = _load_adapter_as_trained(base_dir, result.adapter_dir)
+    nll, count = _independent_nll(adapter, tokenizer, rows)
+    assert adapter_scores.trained_tokens == count
+    assert adapter_scores.scores["perplexity"] == pytest.approx(math.exp(nll / count), abs=1e-5)
+    assert adapter_scores.scores["perplexity"] < 0.1 * base_scores.scores["perplexity"]
+
+
+def test_adapter_loss_equals_the_training_runs_final_eval_loss(memorized):
+    # Same data file as training's validation set, settings read from the saved recipe.
+    result, data = memorized
+    report = run_eval([str(result.adapter_dir)], [str(data)], EvalOptions(metrics=["loss"]))
+    (scores,) = report.results
+    assert scores.kind == "adapter"
+    assert scores.precision == "4-bit nf4 + double quant, float32"
+    assert scores.scores["loss"] == pytest.approx(result.eval_after, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def test_exact_match_is_one_after_memorization(memorized, tiny_model):
+    result, data = memorized
+    options = EvalOptions(
+        metrics=["exact_match", "contains", "chrf"], max_new_tokens=16, dtype="float32"
+    )
+    report = run_eval([str(result.run_dir), str(tiny_model("llama"))], [str(data)], options)
+    adapter, base = report.results
+    assert adapter.predictions == [answer for _, answer in FACTS]
+    assert adapter.scores == {"exact_match": 1.0, "contains": 1.0, "chrf": 100.0}
+    assert base.scores["exact_match"] == 0.0
+    assert base.scores["chrf"] < 50
+
+
+def test_batched_generation_gives_the_one_by_one_tokens(memorized, tiny_model):
+    result, data = memorized
+    loaded = load_target(resolve_target(str(result.run_dir)), CPU)
+    rows = load_eval_rows([str(data)], "auto", None)
+    prompts = prompt_token_ids(rows, loaded.tokenizer)
+    # Prompts of different lengths, so the batch is left-padded.
+    assert len({len(p) for p in prompts}) > 1
+    batched = greedy_continuations(loaded.model, loaded.tokenizer, prompts, 16, batch_size=8)
+    single = greedy_continuations(loaded.model, loaded.tokenizer, prompts, 16, batch_size=1)
+    assert batched == single
+    end_of_turn = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert all(ids and end_of_turn not in ids for ids in batched)
+
+
+def test_prompt_tokens_are_the_training_tokens_before_the_answer(memorized):
+    result, data = memorized
+    tokenizer = AutoTokenizer.from_pretrained(result.adapter_dir)
+    rows = load_eval_rows([str(data)], "auto", None)
+    (prompt,) = prompt_token_ids(rows[:1], tokenizer)
+    question, _ = FACTS[0]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    assert tokenizer.decode(prompt) == text
+
+
+def test_generation_stops_at_the_templates_end_of_turn_even_when_eos_differs(tiny_model):
+    tokenizer = build_tokenizer(chat=True)
+    tokenizer.eos_token = "<|endoftext|>"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"))
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    stops = stop_token_ids(model, tokenizer)
+    assert stops == sorted(tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparison of several targets, report files, CLI
+
+
+def _merged_folder(base_dir, adapter_dir, folder):
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(folder)
+    (folder / "lorakit.json").write_text("{}")
+    return folder
+
+
+def test_comparison_table_lists_every_target(memorized, tiny_model, tmp_path):
+    result, data = memorized
+    base_dir = tiny_model("llama")
+    merged = _merged_folder(base_dir, result.adapter_dir, tmp_path / "merged")
+    out = tmp_path / "report"
+    code, _, err = run(
+        "eval",
+        base_dir,
+        result.run_dir,
+        result.adapter_dir,
+        merged,
+        "--data",
+        data,
+        "--metrics",
+        "loss,perplexity,exact_match",
+        "--max-new-tokens",
+        "12",
+        "--dtype",
+        "float32",
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    labels = [t["label"] for t in report["targets"]]
+    assert labels == [base_dir.name, "run", "run#2", "merged"]
+    assert [t["kind"] for t in report["targets"]] == ["model", "adapter", "adapter", "merged"]
+    # The run folder and its adapter/ are the same adapter.
+    assert report["targets"][1]["loss"] == report["targets"][2]["loss"]
+    assert report["targets"][1]["exact_match"] == 1.0
+    lines = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(lines) == len(FACTS)
+    assert list(lines[0]["outputs"]) == labels
+    assert lines[0]["reference"] == FACTS[0][1]
+
+    # The rich table on stderr has one row per target.
+    rows = [line for line in err.splitlines() if line.startswith("│ ")]
+    for label in labels:
+        assert sum(line.startswith(f"│ {label} ") for line in rows) == 1, label
+
+
+def test_generate_answers_a_prompt_with_the_adapters_template(memorized):
+    result, _ = memorized
+    question, answer = FACTS[1]
+    code, out, err = run("generate", result.run_dir, "--prompt", question, "--max-new-tokens", "16")
+    assert code == 0, err
+    assert out == answer + "\n"
+
+
+def test_generate_chat_streams_replies_to_piped_stdin(memorized):
+    result, _ = memorized
+    (q1, a1), (q2, a2) = FACTS[0], FACTS[4]
+    code, out, err = run(
+        "generate",
+        result.run_dir,
+        "--chat",
+        "--max-new-tokens",
+        "16",
+        input=f"{q1}\n/reset\n\n{q2}\n/exit\n{q1}\n",
+    )
+    assert code == 0, err
+    assert out.splitlines() == [a1, a2]
+
+
+def test_harness_is_skipped_with_a_message_when_not_installed(tiny_model):
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-evaluation-harness is installed")
+    code, _, err = run("eval", tiny_model("llama"), "--harness", "hellaswag")
+    assert code == 0, err
+    assert "--harness skipped: lm-evaluation-harness is not installed" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing written
+
+
+def _assert_one_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture
+def facts_file(tmp_path):
+    return write_jsonl(tmp_path / "facts.jsonl", fact_rows())
+
+
+def test_target_that_is_neither_model_nor_adapter(tmp_path, facts_file):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    code, _, err = run("eval", empty, "--data", facts_file, "--out", out)
+    _assert_one_error(code, err, str(empty), "neither a model folder")
+    code, _, err = run("eval", facts_file, "--data", facts_file, "--out", out)
+    _assert_one_error(code, err, str(facts_file), "not a model or adapter")
+    code, _, err = run("generate", empty, "--prompt", "hi")
+    _assert_one_error(code, err, "neither a model folder")
+    assert not out.exists()
+
+
+def test_data_in_an_unknown_shape(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
+    code, _, err = run("eval", tiny_model("llama"), "--data", data, "--out", tmp_path / "out")
+    _assert_one_error(code, err, f"{data}:1", "cannot tell the dataset format")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--metrics", "loss,bleu"], ["unknown metric 'bleu'", "chrf"]),
+        (["--metrics", "regex"], ["--regex PATTERN"]),
+        (["--metrics", "regex", "--regex", "(unclosed"], ["--regex: invalid pattern"]),
+        (["--normalize", "stem"], ["--normalize: unknown option 'stem'"]),
+        (["--format", "sharegpt-ish"], ["--format: unknown format"]),
+        (["--dtype", "int3"], ["--dtype: 'int3' is not one of"]),
+    ],
+)
+def test_bad_options(args, fragments, tiny_model, facts_file, tmp_path):
+    code, _, err = run("eval", tiny_model("llama"), "--data", facts_file, *args)
+    _assert_one_error(code, err, *fragments)
+
+
+def test_generation_metrics_on_text_rows_name_the_row(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "plain.jsonl", [{"text": "just text"}])
+    code, _, err = run("eval", tiny_model("llama"), "--data", data, "--metrics", "exact_match")
+    _assert_one_error(code, err, f"{data}:1", "need rows with a prompt and a reference")
+
+
+def test_eval_without_data(tiny_model):
+    code, _, err = run("eval", tiny_model("llama"))
+    _assert_one_error(code, err, "--data")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_chrf_matches_sacrebleus_published_values():
+    # Values from the sacreBLEU-backed chrF metric card (char order 6, beta 2, no word n-grams).
+    assert sentence_chrf(
+        "The relationship between Obama and Netanyahu is not exactly friendly.",
+        "The ties between Obama and Netanyahu are not particularly friendly.",
+    ) == pytest.approx(61.576379378113785, abs=1e-9)
+    assert corpus_chrf(
+        [
+            "The relationship between cats and dogs is not exactly friendly.",
+            "a good bookshop is just a genteel black hole that knows how to read.",
+        ],
+        [
+            "The relationship between dogs and cats is not exactly friendly.",
+            "A good bookshop is just a genteel Black Hole that knows how to read.",
+        ],
+    ) == pytest.approx(84.64214891738334, abs=1e-9)
+    assert sentence_chrf("same words", "same  words") == 100.0
+    assert sentence_chrf("xyz", "abc") == 0.0
+    # By hand: "ab" vs "abc": unigrams P=1 R=2/3, bigrams P=1 R=1/2; orders 3-6 absent on one
+    # side. P=1, R=7/12, F2 = 5*P*R / (4*P + R).
+    assert sentence_chrf("ab", "abc") == pytest.approx(100 * 5 * (7 / 12) / (4 + 7 / 12))
+
+
+def test_normalization_and_pair_metrics():
+    assert normalize("  The  Cat, sat. ", ["strip"]) == "The  Cat, sat."
+    assert normalize("  The  Cat, sat. ", ["lowercase", "punctuation", "whitespace"]) == (
+        "the cat sat"
+    )
+    totals, per_example = score_generations(
+        ["Paris.", "the answer is ROME", "Berlin"],
+        ["paris", "Rome", "Madrid"],
+        ["exact_match", "contains"],
+        ["strip", "lowercase", "punctuation"],
+    )
+    assert per_example == [
+        {"exact_match": 1.0, "contains": 1.0},
+        {"exact_match": 0.0, "contains": 1.0},
+        {"exact_match": 0.0, "contains": 0.0},
+    ]
+    assert totals == {"exact_match": pytest.approx(1 / 3), "contains": pytest.approx(2 / 3)}
+    pattern = compile_regex(r"answer is (\w+)")
+    assert regex_match(pattern, "so the answer is 42.", "42") == 1.0
+    assert regex_match(pattern, "so the answer is 41.", "42") == 0.0
+    assert regex_match(compile_regex(r"\d+"), "I think 42", "42") == 1.0
+    assert regex_match(pattern, "no idea", "42") == 0.0
+    assert parse_metrics("loss, chrf,loss") == ["loss", "chrf"]
+
+
+def test_data_settings_come_from_the_adapters_recipe(memorized):
+    from lorakit.evaluate import data_settings
+
+    result, _ = memorized
+    trained_with = resolve_target(str(result.run_dir)).data_settings
+    assert data_settings(EvalOptions(), trained_with) == (64, "completions")
+    assert data_settings(EvalOptions(max_seq_len=8, train_on="all"), trained_with) == (8, "all")
+    assert data_settings(EvalOptions(), None) == (512, "completions")
