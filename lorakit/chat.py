@@ -37,7 +37,7 @@ def answer_prompts(
     prompts: list[str],
     max_new_tokens: int,
     system: str | None = None,
-    batch_size: int = 8,
+    batch_size: int = 16,
 ) -> list[str]:
     """Greedy answers to independent prompts, generated in batches."""
     tokenizer = loaded.tokenizer

@@ -155,7 +155,7 @@ def eval_command(
         ),
     ] = None,
     max_new_tokens: MaxNewTokensOption = 128,
-    batch_size: BatchSizeOption = 8,
+    batch_size: BatchSizeOption = 16,
     max_seq_len: Annotated[
         int | None,
         typer.Option(min=1, help="Default: the adapter's training value.", show_default=False),
@@ -231,7 +231,7 @@ def generate_command(
         str | None, typer.Option(help="A system message.", show_default=False)
     ] = None,
     max_new_tokens: MaxNewTokensOption = 256,
-    batch_size: BatchSizeOption = 8,
+    batch_size: BatchSizeOption = 16,
     load_in_4bit: LoadIn4bitOption = None,
     dtype: DtypeOption = None,
 ) -> None:

@@ -10,6 +10,7 @@ tokenized segment by segment exactly as in training.
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import math
 import os
@@ -28,14 +29,15 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from lorakit.data.batching import make_loader
 from lorakit.data.formats import render_prompt, render_segments
 from lorakit.data.pipeline import load_rows, tokenize_rows
 from lorakit.data.sources import Row
 from lorakit.errors import LorakitError
-from lorakit.loss import TokenNLL
+from lorakit.loss import TokenNLL, causal_lm_of
 from lorakit.metrics import GENERATION_METRICS, LOSS_METRICS, score_generations
 from lorakit.recipe import DataSection, DatasetSpec
 from lorakit.targets import LoadedTarget, load_target, resolve_target
@@ -45,6 +47,8 @@ PROMPT_FORMATS = ("chat", "alpaca")
 # End-of-turn markers of common chat templates; a chat model stops at the one its template uses
 # even when the tokenizer's EOS is another token (e.g. Qwen2 base: <|endoftext|>).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|eot|>")
+# Cache layers whose rows can be dropped mid-generation (plain and sliding-window attention).
+_ROW_SELECTABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 REPORT_FILE = "report.json"
 GENERATIONS_FILE = "generations.jsonl"
 
@@ -96,7 +100,7 @@ def greedy_continuations(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    batch_size: int = 8,
+    batch_size: int = 16,
 ) -> list[list[int]]:
     """Greedy new tokens for each prompt (token ids), cut at the first stop token.
 
@@ -107,6 +111,7 @@ def greedy_continuations(
     stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = _model_device(model)
+    decode = _greedy_batch if _supports_manual_decoding(model) else _generate_batch
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     results: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
@@ -118,19 +123,95 @@ def greedy_continuations(
             n = len(prompts[i])
             input_ids[row, width - n :] = torch.tensor(prompts[i], dtype=torch.long)
             attention_mask[row, width - n :] = 1
-        output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            eos_token_id=stops,
-            pad_token_id=pad,
+        new = decode(
+            model, input_ids.to(device), attention_mask.to(device), max_new_tokens, stops, pad
         )
         for row, i in enumerate(chunk):
-            results[i] = _cut_at_stop(output[row, width:].tolist(), stops)
+            results[i] = new[row]
     model.train(was_training)
     return results
+
+
+def _supports_manual_decoding(model: nn.Module) -> bool:
+    parameters = inspect.signature(causal_lm_of(model).forward).parameters
+    return "position_ids" in parameters and "cache" in parameters
+
+
+def _greedy_batch(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    stops: Sequence[int],
+    pad: int,
+) -> list[list[int]]:
+    """Greedy decoding of one left-padded batch with a KV cache. A row leaves the batch (and
+    the cache) as soon as it emits a stop token, so a few long answers do not make every
+    finished row pay for their remaining steps, as they do in `model.generate`."""
+    causal_lm = causal_lm_of(model)
+    cache = DynamicCache(config=causal_lm.config)
+    stop_ids = torch.tensor(list(stops), device=input_ids.device)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = causal_lm(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    can_drop_rows = all(type(layer) in _ROW_SELECTABLE_LAYERS for layer in cache.layers)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    position = positions[:, -1]
+    finished = torch.zeros_like(rows, dtype=torch.bool)
+    new: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    for step in range(max_new_tokens):
+        tokens = out.logits[:, -1].argmax(-1)
+        done = torch.isin(tokens, stop_ids) | finished
+        for row, token, stop in zip(rows.tolist(), tokens.tolist(), done.tolist(), strict=True):
+            if not stop:
+                new[row].append(token)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        if can_drop_rows and bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, tokens, position = rows[keep], tokens[keep], position[keep]
+            attention_mask = attention_mask[keep]
+            done = done[keep]
+        finished = done
+        position = position + 1
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], 1)
+        out = causal_lm(
+            input_ids=tokens[:, None],
+            attention_mask=attention_mask,
+            position_ids=position[:, None],
+            cache=cache,
+            use_cache=True,
+        )
+    return new
+
+
+def _generate_batch(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    stops: Sequence[int],
+    pad: int,
+) -> list[list[int]]:
+    """transformers' generate, for models whose forward takes no cache/position_ids."""
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=True,
+        eos_token_id=list(stops),
+        pad_token_id=pad,
+    )
+    width = input_ids.shape[1]
+    return [_cut_at_stop(row[width:].tolist(), stops) for row in output]
 
 
 def _cut_at_stop(ids: list[int], stops: Sequence[int]) -> list[int]:
@@ -145,7 +226,7 @@ def generate(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     max_new_tokens: int,
-    batch_size: int = 8,
+    batch_size: int = 16,
 ) -> list[str]:
     """Greedy answers to user prompts, batched with left padding and the KV cache."""
     if not prompts:
@@ -216,7 +297,7 @@ class EvalOptions:
     normalizers: list[str] = field(default_factory=lambda: ["strip"])
     pattern: re.Pattern[str] | None = None
     max_new_tokens: int = 128
-    batch_size: int = 8
+    batch_size: int = 16
     max_seq_len: int | None = None
     """None: the adapter's training value (else the recipe default)."""
     train_on: str | None = None

@@ -164,7 +164,25 @@ def test_exact_match_is_one_after_memorization(memorized, tiny_model):
     assert base.scores["chrf"] < 50
 
 
-def test_batched_generation_gives_the_one_by_one_tokens(memorized, tiny_model):
+def _generate_one_by_one(model, prompts, stops, max_new_tokens):
+    """The reference: transformers' own greedy generate, one unpadded prompt at a time."""
+    answers = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
+        ends = [i for i, token in enumerate(output) if token in stops]
+        answers.append(output[: ends[0]] if ends else output)
+    return answers
+
+
+def test_batched_generation_gives_the_one_by_one_tokens(memorized):
     result, data = memorized
     loaded = load_target(resolve_target(str(result.run_dir)), CPU)
     rows = load_eval_rows([str(data)], "auto", None)
@@ -172,10 +190,29 @@ def test_batched_generation_gives_the_one_by_one_tokens(memorized, tiny_model):
     # Prompts of different lengths, so the batch is left-padded.
     assert len({len(p) for p in prompts}) > 1
     batched = greedy_continuations(loaded.model, loaded.tokenizer, prompts, 16, batch_size=8)
-    single = greedy_continuations(loaded.model, loaded.tokenizer, prompts, 16, batch_size=1)
-    assert batched == single
-    end_of_turn = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert all(ids and end_of_turn not in ids for ids in batched)
+    stops = stop_token_ids(loaded.model, loaded.tokenizer)
+    assert batched == _generate_one_by_one(loaded.model, prompts, stops, 16)
+    # Answers end at different steps: rows left the batch one after another.
+    assert len({len(ids) for ids in batched}) > 1
+    assert loaded.tokenizer.batch_decode(batched) == [answer for _, answer in FACTS]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(arch, tiny_model):
+    model_dir = tiny_model(arch)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    texts = ["The capital of France", "Water boils at one hundred", "Arr matey", "abc", "Ice"]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    free = _generate_one_by_one(model, prompts, [-1], 12)
+    # A random model never emits EOS: make a token it does generate a stop token, so rows stop
+    # at different steps (or never).
+    model.generation_config.eos_token_id = free[0][4]
+    stops = stop_token_ids(model, tokenizer)
+    expected = _generate_one_by_one(model, prompts, stops, 12)
+    assert len({len(ids) for ids in expected}) > 1
+    assert greedy_continuations(model, tokenizer, prompts, 12, batch_size=5) == expected
 
 
 def test_prompt_tokens_are_the_training_tokens_before_the_answer(memorized):
