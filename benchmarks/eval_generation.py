@@ -1,7 +1,9 @@
 """Batched eval generation against one-by-one generation, on the embedded SmolLM2-135M-Instruct.
 
-Both passes decode the same prompts greedily (KV cache, stop at end-of-turn) with the same loaded
-model, in one run; the script prints both times, the ratio and whether the answers agree.
+Both decode the same prompts greedily (KV cache, stop at end-of-turn) with the same loaded model,
+in one run: one prompt at a time, and in batches (left padding, finished rows leave the batch),
+without and with the shared prompt prefix (the chat template's system prompt) computed once.
+The script prints the times, the ratios and whether the answers agree.
 
     python benchmarks/eval_generation.py [--rows 32] [--batch-sizes 8,16,32] [--max-new-tokens 32]
                                          [--dtype auto] [--load-in-4bit] [--threads N]
@@ -29,13 +31,20 @@ from lorakit.cli import quiet_libraries  # noqa: E402
 
 quiet_libraries()  # before bitsandbytes is imported: it warns about optional kernels on import
 
-from lorakit.evaluate import greedy_continuations, load_eval_rows, prompt_token_ids  # noqa: E402
+from lorakit.evaluate import (  # noqa: E402
+    greedy_continuations,
+    load_eval_rows,
+    prompt_token_ids,
+    shared_prefix_length,
+)
 from lorakit.targets import load_target, resolve_target  # noqa: E402
 
 
-def timed_generation(loaded, prompts, max_new_tokens: int, batch_size: int):
+def timed_generation(loaded, prompts, max_new_tokens: int, batch_size: int, share_prefix=True):
     started = time.perf_counter()
-    new = greedy_continuations(loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size)
+    new = greedy_continuations(
+        loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, share_prefix
+    )
     return time.perf_counter() - started, new
 
 
@@ -66,22 +75,25 @@ def main() -> None:
     single_before, single = timed_generation(loaded, prompts, args.max_new_tokens, 1)
     batched_runs = []
     for size in [int(b) for b in args.batch_sizes.split(",")]:
-        seconds, batched = timed_generation(loaded, prompts, args.max_new_tokens, size)
-        batched_runs.append((size, seconds, batched))
+        for share in (False, True):
+            seconds, batched = timed_generation(loaded, prompts, args.max_new_tokens, size, share)
+            batched_runs.append((size, share, seconds, batched))
     single_after, _ = timed_generation(loaded, prompts, args.max_new_tokens, 1)
     single_s = (single_before + single_after) / 2
     tokens = sum(len(n) for n in single)
     print(
-        f"one-by-one          : {single_s:7.2f} s  ({tokens / single_s:6.1f} new tokens/s; "
+        f"{'one by one':29s}: {single_s:7.2f} s  ({tokens / single_s:6.1f} new tokens/s; "
         f"{single_before:.2f} s before, {single_after:.2f} s after the batched passes)"
     )
-    for size, seconds, batched in batched_runs:
+    print(f"shared prompt prefix: {shared_prefix_length(prompts)} tokens")
+    for size, share, seconds, batched in batched_runs:
         agree = sum(a == b for a, b in zip(batched, single, strict=True))
+        label = f"batch {size:3d}" + (" + shared prefix" if share else "")
         print(
-            f"batched (batch {size:3d}): {seconds:7.2f} s  ({tokens / seconds:6.1f} new tokens/s)  "
+            f"{label:29s}: {seconds:7.2f} s  ({tokens / seconds:6.1f} new tokens/s)  "
             f"speed-up {single_s / seconds:5.2f}x  identical answers {agree}/{len(prompts)}"
         )
-    _, _, batched = batched_runs[0]
+    batched = batched_runs[-1][-1]
     decoded = loaded.tokenizer.batch_decode(batched[:3], skip_special_tokens=True)
     for item, answer in zip(rows, decoded, strict=False):
         print(f"  {item.prompt_preview!r} -> {answer.strip()!r} (reference {item.reference!r})")

@@ -49,6 +49,8 @@ PROMPT_FORMATS = ("chat", "alpaca")
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|eot|>")
 # Cache layers whose rows can be dropped mid-generation (plain and sliding-window attention).
 _ROW_SELECTABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+MIN_SHARED_PREFIX = 4
+"""Shorter common prefixes are not worth a separate forward pass."""
 REPORT_FILE = "report.json"
 GENERATIONS_FILE = "generations.jsonl"
 
@@ -101,31 +103,27 @@ def greedy_continuations(
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     batch_size: int = 16,
+    share_prefix: bool = True,
 ) -> list[list[int]]:
     """Greedy new tokens for each prompt (token ids), cut at the first stop token.
 
-    Prompts of similar length are batched together (less left padding); the KV cache makes each
-    new token cost one position per sequence."""
+    Prompts of similar length are batched together (less left padding). With `share_prefix`,
+    the prefix all prompts of a batch share (a chat template's system prompt, few-shot examples)
+    is computed once and its KV cache reused by every row."""
     was_training = model.training
     model.eval()
     stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    device = _model_device(model)
-    decode = _greedy_batch if _supports_manual_decoding(model) else _generate_batch
+    manual = _supports_manual_decoding(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     results: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            n = len(prompts[i])
-            input_ids[row, width - n :] = torch.tensor(prompts[i], dtype=torch.long)
-            attention_mask[row, width - n :] = 1
-        new = decode(
-            model, input_ids.to(device), attention_mask.to(device), max_new_tokens, stops, pad
-        )
+        batch = [list(prompts[i]) for i in chunk]
+        if manual:
+            new = _greedy_batch(model, batch, max_new_tokens, stops, pad, share_prefix)
+        else:
+            new = _generate_batch(model, batch, max_new_tokens, stops, pad)
         for row, i in enumerate(chunk):
             results[i] = new[row]
     model.train(was_training)
@@ -137,21 +135,60 @@ def _supports_manual_decoding(model: nn.Module) -> bool:
     return "position_ids" in parameters and "cache" in parameters
 
 
+def _left_pad(
+    prompts: list[list[int]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, leaving each prompt at least one token of its own."""
+    limit = min(len(p) for p in prompts) - 1
+    length = 0
+    while length < limit and all(p[length] == prompts[0][length] for p in prompts):
+        length += 1
+    return length
+
+
 def _greedy_batch(
     model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    prompts: list[list[int]],
     max_new_tokens: int,
     stops: Sequence[int],
     pad: int,
+    share_prefix: bool,
 ) -> list[list[int]]:
-    """Greedy decoding of one left-padded batch with a KV cache. A row leaves the batch (and
-    the cache) as soon as it emits a stop token, so a few long answers do not make every
-    finished row pay for their remaining steps, as they do in `model.generate`."""
+    """Greedy decoding of one batch with a KV cache.
+
+    Layout: [shared prefix, computed once] [left padding] [each prompt's own tokens]; the
+    attention mask hides the padding and position ids count real tokens only. A row leaves the
+    batch (and the cache) as soon as it emits a stop token, so a few long answers do not make
+    every finished row pay for their remaining steps, as they do in `model.generate`."""
     causal_lm = causal_lm_of(model)
+    device = _model_device(model)
     cache = DynamicCache(config=causal_lm.config)
-    stop_ids = torch.tensor(list(stops), device=input_ids.device)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    plain_cache = all(type(layer) in _ROW_SELECTABLE_LAYERS for layer in cache.layers)
+    shared = shared_prefix_length(prompts) if share_prefix and plain_cache else 0
+    if len(prompts) < 2 or shared < MIN_SHARED_PREFIX:
+        shared = 0
+    if shared:
+        causal_lm(
+            input_ids=torch.tensor([prompts[0][:shared]], device=device),
+            position_ids=torch.arange(shared, device=device)[None],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache.batch_repeat_interleave(len(prompts))
+    input_ids, own_mask = _left_pad([p[shared:] for p in prompts], pad, device)
+    attention_mask = torch.cat([own_mask.new_ones((len(prompts), shared)), own_mask], 1)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
     out = causal_lm(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -160,11 +197,11 @@ def _greedy_batch(
         use_cache=True,
         logits_to_keep=1,
     )
-    can_drop_rows = all(type(layer) in _ROW_SELECTABLE_LAYERS for layer in cache.layers)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    stop_ids = torch.tensor(list(stops), device=device)
+    rows = torch.arange(len(prompts), device=device)
     position = positions[:, -1]
     finished = torch.zeros_like(rows, dtype=torch.bool)
-    new: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    new: list[list[int]] = [[] for _ in prompts]
     for step in range(max_new_tokens):
         tokens = out.logits[:, -1].argmax(-1)
         done = torch.isin(tokens, stop_ids) | finished
@@ -173,12 +210,11 @@ def _greedy_batch(
                 new[row].append(token)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        if can_drop_rows and bool(done.any()):
+        if plain_cache and bool(done.any()):
             keep = (~done).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             rows, tokens, position = rows[keep], tokens[keep], position[keep]
-            attention_mask = attention_mask[keep]
-            done = done[keep]
+            attention_mask, done = attention_mask[keep], done[keep]
         finished = done
         position = position + 1
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], 1)
@@ -194,13 +230,13 @@ def _greedy_batch(
 
 def _generate_batch(
     model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    prompts: list[list[int]],
     max_new_tokens: int,
     stops: Sequence[int],
     pad: int,
 ) -> list[list[int]]:
     """transformers' generate, for models whose forward takes no cache/position_ids."""
+    input_ids, attention_mask = _left_pad(prompts, pad, _model_device(model))
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,

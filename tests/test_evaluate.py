@@ -15,11 +15,13 @@ from typer.testing import CliRunner
 
 from lorakit.cli import app
 from lorakit.evaluate import (
+    MIN_SHARED_PREFIX,
     EvalOptions,
     greedy_continuations,
     load_eval_rows,
     prompt_token_ids,
     run_eval,
+    shared_prefix_length,
     stop_token_ids,
 )
 from lorakit.metrics import (
@@ -197,17 +199,35 @@ def test_batched_generation_gives_the_one_by_one_tokens(memorized):
     assert loaded.tokenizer.batch_decode(batched) == [answer for _, answer in FACTS]
 
 
+DIFFERENT_STARTS = [
+    "The capital of France",
+    "Water boils at one hundred",
+    "Arr matey",
+    "abc",
+    "Ice",
+]
+SHARED_START = [
+    "The capital of France is Paris. The capital of Italy",
+    "The capital of France is Paris. Water boils at",
+    "The capital of France is Paris. Arr",
+    "The capital of France is Paris. The",
+    "The capital of France is Paris. ABC abc",
+]
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(arch, tiny_model):
+@pytest.mark.parametrize("texts", [DIFFERENT_STARTS, SHARED_START], ids=["own", "shared"])
+def test_batched_decoding_matches_transformers_generate(arch, texts, tiny_model):
     model_dir = tiny_model(arch)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    texts = ["The capital of France", "Water boils at one hundred", "Arr matey", "abc", "Ice"]
     prompts = [tokenizer(t)["input_ids"] for t in texts]
+    shared = shared_prefix_length(prompts)
+    assert shared >= MIN_SHARED_PREFIX if texts is SHARED_START else shared < MIN_SHARED_PREFIX
     free = _generate_one_by_one(model, prompts, [-1], 12)
     # A random model never emits EOS: make a token it does generate a stop token, so rows stop
-    # at different steps (or never).
+    # at different steps (or never) and leave the batch.
     model.generation_config.eos_token_id = free[0][4]
     stops = stop_token_ids(model, tokenizer)
     expected = _generate_one_by_one(model, prompts, stops, 12)
