@@ -102,6 +102,11 @@ def chat(
 ) -> list[Message]:
     """Read user turns from `lines` (stdin), stream each reply; return the conversation."""
     stream = stream or sys.stdout
+    if loaded.tokenizer.chat_template is None:
+        print(
+            "note: this model has no chat template; each message is answered on its own",
+            file=sys.stderr,
+        )
     messages = _starting_messages(system)
     for line in _prompted(lines, show_prompt):
         text = line.strip()

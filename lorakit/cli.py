@@ -182,6 +182,10 @@ def eval_command(
             show_default=False,
         ),
     ] = None,
+    harness_include: Annotated[
+        Path | None,
+        typer.Option(help="A folder of harness task YAML files.", show_default=False),
+    ] = None,
 ) -> None:
     """Loss, perplexity and task metrics of one or more targets on the same data, side by side."""
     from lorakit.evaluate import EvalOptions, run_eval
@@ -210,6 +214,7 @@ def eval_command(
         fmt=format_,
         out_dir=out,
         harness_tasks=tasks,
+        harness_include=str(harness_include) if harness_include else None,
         console=console,
     )
 

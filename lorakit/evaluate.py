@@ -360,6 +360,8 @@ class TargetResult:
     scores: dict[str, float] = field(default_factory=dict)
     examples: int = 0
     trained_tokens: int = 0
+    truncated: int = 0
+    """Rows cut at max_seq_len for the loss."""
     generated_tokens: int = 0
     seconds: float = 0.0
     predictions: list[str] = field(default_factory=list)
@@ -375,6 +377,7 @@ class TargetResult:
             **self.scores,
             "examples": self.examples,
             "trained_tokens": self.trained_tokens,
+            "truncated": self.truncated,
             "generated_tokens": self.generated_tokens,
             "seconds": round(self.seconds, 3),
         }
@@ -399,6 +402,11 @@ class EvalReport:
             "targets": [r.summary() for r in self.results],
             **({"harness": self.harness} if self.harness else {}),
         }
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean token NLL); infinite rather than an overflow error for a hopeless model."""
+    return math.exp(loss) if loss < 700 else math.inf
 
 
 def data_settings(options: EvalOptions, trained_with: DataSection | None) -> tuple[int, str]:
@@ -429,7 +437,7 @@ def evaluate_target(
     started = time.perf_counter()
     if options.wants_loss:
         max_seq_len, train_on = data_settings(options, target.data_settings)
-        examples, _ = tokenize_rows(
+        examples, stats = tokenize_rows(
             [(r.row, r.fmt) for r in rows], tokenizer, max_seq_len, train_on
         )
         if not examples:
@@ -442,11 +450,11 @@ def evaluate_target(
         loss, tokens = evaluate_loss_and_tokens(
             TokenNLL(model), accelerator.prepare(loader), accelerator
         )
-        result.trained_tokens = tokens
+        result.trained_tokens, result.truncated = tokens, stats.truncated
         if "loss" in options.metrics:
             result.scores["loss"] = loss
         if "perplexity" in options.metrics:
-            result.scores["perplexity"] = math.exp(loss)
+            result.scores["perplexity"] = perplexity(loss)
     if options.wants_generation:
         prompts = prompt_token_ids(rows, tokenizer)
         new = greedy_continuations(
@@ -493,6 +501,7 @@ def run_eval(
     fmt: str = "auto",
     out_dir: Path | None = None,
     harness_tasks: list[str] | None = None,
+    harness_include: str | None = None,
     console: Console | None = None,
 ) -> EvalReport:
     """Evaluate every target on the same rows, one model in memory at a time; print the
@@ -522,7 +531,7 @@ def run_eval(
         result.label = label
         report.results.append(result)
         if harness:
-            report.harness[label] = run_harness(loaded, harness_tasks, options)
+            report.harness[label] = run_harness(loaded, harness_tasks, options, harness_include)
         del loaded
         gc.collect()
     if rows:
@@ -652,20 +661,43 @@ def _harness_available(console: Console) -> bool:
     return True
 
 
-def run_harness(loaded: LoadedTarget, tasks: list[str], options: EvalOptions) -> dict[str, Any]:
-    """lm-evaluation-harness tasks on the loaded model as it is (an adapter stays unmerged)."""
+def run_harness(
+    loaded: LoadedTarget, tasks: list[str], options: EvalOptions, include: str | None = None
+) -> dict[str, Any]:
+    """lm-evaluation-harness tasks on the loaded model as it is (an adapter stays unmerged).
+    `include` is a folder of task YAML files (the harness's --include_path), e.g. tasks on
+    local data for machines without the hub."""
+    import logging
+
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    # The harness warns that it was given a model object: that is how adapters stay unmerged.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    logging.getLogger("lm-eval").setLevel(logging.ERROR)
 
     lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=options.batch_size)
     try:
-        output = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=options.limit)
+        output = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            limit=options.limit,
+            task_manager=TaskManager(include_path=include),
+        )
     except (KeyError, ValueError) as exc:
         raise LorakitError(f"--harness: {str(exc).splitlines()[0]}") from None
-    return {
-        task: {k: v for k, v in values.items() if isinstance(v, int | float)}
-        for task, values in output["results"].items()
-    }
+    return {task: _harness_scores(values) for task, values in output["results"].items()}
+
+
+def _harness_scores(values: dict[str, Any]) -> dict[str, float]:
+    """`acc,none` → `acc`; standard errors and bookkeeping fields left out."""
+    scores = {}
+    for key, value in values.items():
+        name, _, filter_name = key.partition(",")
+        if isinstance(value, int | float) and "stderr" not in name and name != "sample_len":
+            scores[name if filter_name in ("", "none") else key] = float(value)
+    return scores
 
 
 def harness_table(harness: dict[str, dict[str, Any]]) -> Table:

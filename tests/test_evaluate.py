@@ -5,6 +5,7 @@ streaming chat, and one-line errors for bad input."""
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +41,7 @@ from lorakit.train import train
 from tests.conftest import FACTS, build_tokenizer, fact_rows, write_jsonl
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, input: str | None = None):
@@ -333,12 +335,61 @@ def test_generate_chat_streams_replies_to_piped_stdin(memorized):
     assert out.splitlines() == [a1, a2]
 
 
+def test_chat_without_a_chat_template_answers_each_message_alone(tiny_model):
+    code, out, err = run(
+        "generate", tiny_model("gpt2"), "--chat", "--max-new-tokens", "4", input="hello\nagain\n"
+    )
+    assert code == 0, err
+    assert "no chat template; each message is answered on its own" in err
+    assert out.count("\n") >= 2
+
+
 def test_harness_is_skipped_with_a_message_when_not_installed(tiny_model):
     if importlib.util.find_spec("lm_eval") is not None:
         pytest.skip("lm-evaluation-harness is installed")
     code, _, err = run("eval", tiny_model("llama"), "--harness", "hellaswag")
     assert code == 0, err
     assert "--harness skipped: lm-evaluation-harness is not installed" in err
+
+
+def test_harness_runs_base_and_unmerged_adapter(memorized, tiny_model, tmp_path):
+    pytest.importorskip("lm_eval")
+    result, _ = memorized
+    facts = write_jsonl(tmp_path / "harness" / "facts.jsonl", [{"q": q, "a": a} for q, a in FACTS])
+    (tmp_path / "harness" / "facts.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "lorakit_facts",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(facts)}},
+                "test_split": "test",
+                "output_type": "loglikelihood",
+                "doc_to_text": "<|im_start|>user\n{{q}}<|im_end|>\n<|im_start|>assistant\n",
+                "doc_to_target": "{{a}}",
+                "target_delimiter": "",
+                "metric_list": [{"metric": "perplexity"}, {"metric": "acc"}],
+            }
+        )
+    )
+    code, _, err = run(
+        "eval",
+        tiny_model("llama"),
+        result.run_dir,
+        "--harness",
+        "lorakit_facts",
+        "--harness-include",
+        tmp_path / "harness",
+        "--out",
+        tmp_path / "out",
+    )
+    assert code == 0, err
+    harness = json.loads((tmp_path / "out" / "report.json").read_text())["harness"]
+    base, adapter = harness[tiny_model("llama").name], harness["run"]
+    assert set(base["lorakit_facts"]) == {"perplexity", "acc"}
+    # The adapter is active in the harness: the memorized answers are far likelier under it.
+    # (The harness scores the template's trailing newline too, which training masks, so the
+    # adapter's figure is not near 1.)
+    assert adapter["lorakit_facts"]["perplexity"] < 1e-6 * base["lorakit_facts"]["perplexity"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,3 +516,36 @@ def test_data_settings_come_from_the_adapters_recipe(memorized):
     assert data_settings(EvalOptions(), trained_with) == (64, "completions")
     assert data_settings(EvalOptions(max_seq_len=8, train_on="all"), trained_with) == (8, "all")
     assert data_settings(EvalOptions(), None) == (512, "completions")
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded model
+
+
+@pytest.mark.slow
+def test_eval_and_generate_on_the_embedded_model(tmp_path):
+    data = ROOT / "examples" / "eval" / "capitals.jsonl"
+    code, _, err = run(
+        "eval",
+        "smollm2-135m-instruct",
+        "--data",
+        data,
+        "--limit",
+        "8",
+        "--max-new-tokens",
+        "24",
+        "--out",
+        tmp_path,
+    )
+    assert code == 0, err
+    (target,) = json.loads((tmp_path / "report.json").read_text())["targets"]
+    assert target["kind"] == "model" and target["examples"] == 8
+    # The instruct model names the capital in a sentence: contained, never an exact match.
+    assert target["contains"] == 1.0
+    assert target["exact_match"] == 0.0
+    assert 1.0 < target["perplexity"] < 100.0
+    code, out, err = run(
+        "generate", "smollm2-135m-instruct", "--prompt", "What is the capital of France?"
+    )
+    assert code == 0, err
+    assert "Paris" in out
