@@ -7,7 +7,7 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, TypeVar, get_args
 
 import typer
 from rich.console import Console
@@ -151,7 +151,8 @@ def eval_command(
     regex: Annotated[
         str | None,
         typer.Option(
-            help="For --metrics regex: extracts the answer from a generation (group 1 if any)."
+            help="Adds the regex metric: the pattern extracts the answer from a generation "
+            "(group 1 if any), which must equal the reference."
         ),
     ] = None,
     max_new_tokens: MaxNewTokensOption = 128,
@@ -190,18 +191,20 @@ def eval_command(
     """Loss, perplexity and task metrics of one or more targets on the same data, side by side."""
     from lorakit.evaluate import EvalOptions, run_eval
     from lorakit.metrics import compile_regex, parse_metrics, parse_normalizers
+    from lorakit.recipe import DataSection
 
+    train_on_type = DataSection.model_fields["train_on"].annotation
     if not data and not harness:
         raise LorakitError("eval: give --data FILE (or --harness TASKS)")
     chosen = parse_metrics(metrics) if metrics is not None else []
     options = EvalOptions(
         metrics=chosen,
         normalizers=parse_normalizers(normalize),
-        pattern=compile_regex(regex) if "regex" in chosen else None,
+        pattern=compile_regex(regex) if regex is not None or "regex" in chosen else None,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         max_seq_len=max_seq_len,
-        train_on=_choice("--train-on", train_on, ("completions", "all")),
+        train_on=_choice("--train-on", train_on, get_args(train_on_type)),
         load_in_4bit=load_in_4bit,
         dtype=_choice("--dtype", dtype, DTYPES),
         limit=limit,

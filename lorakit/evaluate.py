@@ -511,7 +511,8 @@ def run_eval(
     targets = [resolve_target(r) for r in references]
     rows = load_eval_rows(data, fmt, options.limit) if data else []
     if not options.metrics:
-        options = replace(options, metrics=default_metrics(rows))
+        chosen = default_metrics(rows) + (["regex"] if options.pattern else [])
+        options = replace(options, metrics=chosen)
     if options.wants_generation:
         for item in rows:
             _ = item.reference  # a row without a reference answer fails here, before any model
