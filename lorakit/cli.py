@@ -7,7 +7,7 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, TypeVar, get_args
 
 import typer
 from rich.console import Console
@@ -181,6 +181,190 @@ def prepare_command(
     # A pipe or a file gets the whole report: wide tables, and example text never re-wrapped.
     wide = None if sys.stdout.isatty() else 160
     prepare(recipe, set_ or (), preview, Console(width=wide, soft_wrap=True))
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TargetsArg = Annotated[
+    list[str],
+    typer.Argument(
+        help="Models to evaluate: a base model (alias, folder, .gguf, hub id), a run or "
+        "adapter folder written by `lorakit train`, or a merged model folder.",
+        show_default=False,
+    ),
+]
+LoadIn4bitOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--load-in-4bit/--no-load-in-4bit",
+        help="Load the (base) weights in 4-bit. Default: as the adapter was trained; plain "
+        "models unquantized.",
+        show_default=False,
+    ),
+]
+DtypeOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Compute dtype: auto, float32, bfloat16 or float16. Default: the adapter's "
+        "training setting; auto for plain models.",
+        show_default=False,
+    ),
+]
+MaxNewTokensOption = Annotated[
+    int, typer.Option(min=1, help="Generate at most this many tokens per answer.")
+]
+BatchSizeOption = Annotated[int, typer.Option(min=1, help="Rows per forward / generate batch.")]
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    targets: TargetsArg,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(help="Evaluation data file (.jsonl/.json/.csv/.parquet); repeatable."),
+    ] = None,
+    format_: Annotated[
+        str, typer.Option("--format", help="Data format: auto, alpaca, chat or text.")
+    ] = "auto",
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated: loss, perplexity, exact_match, contains, regex, chrf. "
+            "Default: loss,perplexity (+ exact_match,contains,chrf for prompt/answer rows).",
+            show_default=False,
+        ),
+    ] = None,
+    normalize: Annotated[
+        str,
+        typer.Option(
+            help="Before comparing answers: strip, lowercase, whitespace, punctuation, or none."
+        ),
+    ] = "strip",
+    regex: Annotated[
+        str | None,
+        typer.Option(
+            help="Adds the regex metric: the pattern extracts the answer from a generation "
+            "(group 1 if any), which must equal the reference."
+        ),
+    ] = None,
+    max_new_tokens: MaxNewTokensOption = 128,
+    batch_size: BatchSizeOption = 16,
+    max_seq_len: Annotated[
+        int | None,
+        typer.Option(min=1, help="Default: the adapter's training value.", show_default=False),
+    ] = None,
+    train_on: Annotated[
+        str | None,
+        typer.Option(
+            help="Which tokens the loss covers: completions or all. Default: as trained.",
+            show_default=False,
+        ),
+    ] = None,
+    load_in_4bit: LoadIn4bitOption = None,
+    dtype: DtypeOption = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Use the first N rows.", show_default=False)
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for report.json and generations.jsonl.")] = Path(
+        "runs/eval"
+    ),
+    harness: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated lm-evaluation-harness tasks (needs the harness extra).",
+            show_default=False,
+        ),
+    ] = None,
+    harness_include: Annotated[
+        Path | None,
+        typer.Option(help="A folder of harness task YAML files.", show_default=False),
+    ] = None,
+) -> None:
+    """Loss, perplexity and task metrics of one or more targets on the same data, side by side."""
+    from lorakit.evaluate import EvalOptions, run_eval
+    from lorakit.metrics import compile_regex, parse_metrics, parse_normalizers
+    from lorakit.recipe import DataSection
+
+    train_on_type = DataSection.model_fields["train_on"].annotation
+    if not data and not harness:
+        raise LorakitError("eval: give --data FILE (or --harness TASKS)")
+    chosen = parse_metrics(metrics) if metrics is not None else []
+    options = EvalOptions(
+        metrics=chosen,
+        normalizers=parse_normalizers(normalize),
+        pattern=compile_regex(regex) if regex is not None or "regex" in chosen else None,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_seq_len=max_seq_len,
+        train_on=_choice("--train-on", train_on, get_args(train_on_type)),
+        load_in_4bit=load_in_4bit,
+        dtype=_choice("--dtype", dtype, DTYPES),
+        limit=limit,
+    )
+    tasks = [t.strip() for t in harness.split(",") if t.strip()] if harness else None
+    run_eval(
+        targets,
+        data or [],
+        options,
+        fmt=format_,
+        out_dir=out,
+        harness_tasks=tasks,
+        harness_include=str(harness_include) if harness_include else None,
+        console=console,
+    )
+
+
+@app.command("generate")
+@user_errors
+def generate_command(
+    target: Annotated[
+        str, typer.Argument(help="A model, or a run / adapter folder written by lorakit train.")
+    ],
+    prompt: Annotated[
+        list[str] | None, typer.Option(help="A user message to answer; repeatable.")
+    ] = None,
+    chat: Annotated[
+        bool,
+        typer.Option("--chat", help="Interactive chat on stdin, streaming tokens as they come."),
+    ] = False,
+    system: Annotated[
+        str | None, typer.Option(help="A system message.", show_default=False)
+    ] = None,
+    max_new_tokens: MaxNewTokensOption = 256,
+    batch_size: BatchSizeOption = 16,
+    load_in_4bit: LoadIn4bitOption = None,
+    dtype: DtypeOption = None,
+) -> None:
+    """Greedy answers from a model or adapter, with the chat template it was trained with."""
+    from accelerate import Accelerator
+
+    from lorakit.chat import COMMANDS, answer_prompts
+    from lorakit.chat import chat as chat_loop
+    from lorakit.targets import load_target, resolve_target
+
+    if not prompt and not chat:
+        raise LorakitError("generate: give --prompt TEXT or --chat")
+    dtype = _choice("--dtype", dtype, DTYPES)
+    resolved = resolve_target(target)
+    loaded = load_target(resolved, Accelerator().device, load_in_4bit, dtype)
+    console.print(f"{resolved.label()} ({resolved.kind}, {loaded.precision})")
+    if prompt:
+        answers = answer_prompts(loaded, prompt, max_new_tokens, system, batch_size)
+        for question, answer in zip(prompt, answers, strict=True):
+            if len(prompt) > 1:
+                print(f"> {question}")
+            print(answer)
+    if chat:
+        interactive = sys.stdin.isatty()
+        if interactive:
+            console.print(COMMANDS)
+        chat_loop(loaded, sys.stdin, max_new_tokens, system, show_prompt=interactive)
+
+
+def _choice(option: str, value: str | None, allowed: tuple[str, ...]) -> str | None:
+    if value is not None and value not in allowed:
+        raise LorakitError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
+    return value
 
 
 def main() -> None:

@@ -1,0 +1,229 @@
+"""What `lorakit eval` and `lorakit generate` run: a TARGET, resolved and loaded.
+
+A TARGET is one of
+- a base model reference (built-in alias, `.gguf` file, model folder, hub id), as in a recipe;
+- a run folder written by `lorakit train` (its `adapter/` is used) or an adapter folder
+  (PEFT files; lorakit's also hold `recipe.resolved.yaml` and `lorakit.json`, which name the
+  base model and the data settings the adapter was trained with);
+- a merged model folder (a plain Hugging Face model folder).
+
+An adapter is evaluated on its base loaded exactly as in training (4-bit when the recipe
+quantized it, same compute dtype, norms and embeddings upcast like PEFT's k-bit preparation),
+with the tokenizer and chat template saved next to it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from lorakit.checkpoint import PROVENANCE_FILE, RECIPE_FILE
+from lorakit.errors import LorakitError
+from lorakit.models import load_tokenizer, resolve_model
+from lorakit.peft_setup import (
+    build_bnb_config,
+    choose_compute_dtype,
+    describe_quantization,
+    keep_4bit_layers_differentiable,
+)
+from lorakit.recipe import DataSection, QuantSection, Recipe, load_recipe
+
+ADAPTER_CONFIG = "adapter_config.json"
+RUN_ADAPTER_DIR = "adapter"
+
+
+@dataclass(frozen=True)
+class Target:
+    reference: str
+    """What the user typed."""
+    kind: str
+    """`model` (a base model), `merged` (a model folder lorakit wrote) or `adapter`."""
+    model_location: str
+    """What from_pretrained loads: the model itself, or the adapter's base."""
+    adapter_dir: Path | None = None
+    recipe: Recipe | None = None
+    """The recipe an adapter was trained with (None for models and foreign adapters)."""
+    base_reference: str | None = None
+
+    @property
+    def tokenizer_location(self) -> str:
+        # The adapter folder holds the tokenizer and chat template it was trained with.
+        if self.adapter_dir and (self.adapter_dir / "tokenizer_config.json").is_file():
+            return str(self.adapter_dir)
+        return self.model_location
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return self.recipe.model.trust_remote_code if self.recipe else False
+
+    @property
+    def data_settings(self) -> DataSection | None:
+        return self.recipe.data if self.recipe else None
+
+    def label(self) -> str:
+        path = Path(self.reference)
+        if self.kind == "adapter" and path.name == RUN_ADAPTER_DIR:
+            path = path.parent
+        return path.name or self.reference
+
+
+def resolve_target(reference: str) -> Target:
+    """Tell what `reference` is without loading weights; a one-line error when it is neither a
+    model nor an adapter."""
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        if (path / ADAPTER_CONFIG).is_file():
+            return _adapter_target(reference, path)
+        if (path / RUN_ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+            return _adapter_target(reference, path / RUN_ADAPTER_DIR)
+        if (path / "config.json").is_file():
+            kind = "merged" if (path / PROVENANCE_FILE).is_file() else "model"
+            return Target(reference, kind, str(path.resolve()))
+        raise LorakitError(
+            f"{reference}: neither a model folder (config.json), an adapter folder "
+            f"({ADAPTER_CONFIG}) nor a run folder (adapter/)"
+        )
+    if path.exists() and path.suffix != ".gguf":
+        raise LorakitError(
+            f"{reference}: not a model or adapter (expected a folder, a .gguf file, "
+            "a built-in alias or a hub id)"
+        )
+    try:
+        resolved = resolve_model(reference)
+    except LorakitError as exc:
+        raise LorakitError(str(exc).removeprefix("model.name_or_path: ")) from None
+    return Target(reference, "model", resolved.location)
+
+
+def _adapter_target(reference: str, adapter_dir: Path) -> Target:
+    recipe = None
+    if (adapter_dir / RECIPE_FILE).is_file():
+        recipe = load_recipe(adapter_dir / RECIPE_FILE)
+    base_reference, base_location = _adapter_base(adapter_dir)
+    if base_location is None:
+        try:
+            base_location = resolve_model(base_reference).location
+        except LorakitError as exc:
+            raise LorakitError(
+                f"{reference}: the adapter's base model {base_reference!r} cannot be found: "
+                + str(exc).removeprefix("model.name_or_path: ")
+            ) from None
+    return Target(reference, "adapter", base_location, adapter_dir, recipe, base_reference)
+
+
+def _adapter_base(adapter_dir: Path) -> tuple[str, str | None]:
+    """The base model an adapter was trained on: lorakit's provenance first (its resolved
+    location still exists unless the base moved), else PEFT's `base_model_name_or_path`."""
+    provenance = adapter_dir / PROVENANCE_FILE
+    if provenance.is_file():
+        base = json.loads(provenance.read_text(encoding="utf-8")).get("base_model", {})
+        location = base.get("location")
+        if location and base.get("kind") != "hub" and Path(location, "config.json").is_file():
+            return base.get("reference", location), location
+        if base.get("reference"):
+            return base["reference"], None
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    base_reference = config.get("base_model_name_or_path")
+    if not base_reference:
+        raise LorakitError(f"{adapter_dir}: the adapter does not name its base model")
+    return base_reference, None
+
+
+@dataclass
+class LoadedTarget:
+    target: Target
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    precision: str
+    """How the weights were loaded, for the comparison table, e.g. `4-bit nf4, bfloat16`."""
+
+
+def load_target(
+    target: Target,
+    device: torch.device,
+    load_in_4bit: bool | None = None,
+    dtype: str | None = None,
+) -> LoadedTarget:
+    """Load the model (with its adapter) in eval mode.
+
+    `load_in_4bit` / `dtype` left as None mean: as the adapter was trained (its recipe's quant
+    section), and for a plain model the full-precision weights in the `auto` dtype."""
+    quant = target.recipe.quant if target.recipe else QuantSection(load_in_4bit=False)
+    if load_in_4bit is not None:
+        quant = quant.model_copy(update={"load_in_4bit": load_in_4bit})
+    compute_dtype = choose_compute_dtype(dtype or quant.bnb_4bit_compute_dtype, device)
+    tokenizer = _load_tokenizer(target)
+    model = _load_model(target, quant, compute_dtype, device)
+    if target.adapter_dir is not None:
+        model = _attach_adapter(model, target)
+    model.eval()
+    dtype_name = str(compute_dtype).removeprefix("torch.")
+    precision = (
+        f"{describe_quantization(quant)}, {dtype_name}" if quant.load_in_4bit else dtype_name
+    )
+    return LoadedTarget(target, model, tokenizer, precision)
+
+
+def _load_tokenizer(target: Target) -> PreTrainedTokenizerBase:
+    try:
+        return load_tokenizer(target.tokenizer_location, target.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise LorakitError(
+            f"{target.reference}: cannot load the tokenizer from {target.tokenizer_location}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+
+
+def _load_model(
+    target: Target, quant: QuantSection, compute_dtype: torch.dtype, device: torch.device
+) -> torch.nn.Module:
+    kwargs = {}
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device}
+    if target.recipe is not None:
+        kwargs["attn_implementation"] = target.recipe.model.attn_implementation
+        kwargs["revision"] = target.recipe.model.revision
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            target.model_location,
+            quantization_config=build_bnb_config(quant, compute_dtype),
+            dtype=compute_dtype,
+            trust_remote_code=target.trust_remote_code,
+            **kwargs,
+        )
+    except OSError as exc:
+        raise LorakitError(
+            f"{target.reference}: cannot load the model from {target.model_location}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    if quant.load_in_4bit:
+        _as_in_kbit_training(model)
+        if compute_dtype != torch.bfloat16:
+            # bitsandbytes' fast CPU inference path (AVX-512-BF16) computes in bf16 whatever
+            # the compute dtype; keep the exact kernel when another dtype was asked for.
+            keep_4bit_layers_differentiable(model)
+    return model
+
+
+def _as_in_kbit_training(model: torch.nn.Module) -> None:
+    """Training prepares a 4-bit base with PEFT's k-bit preparation, which keeps the
+    non-quantized weights (norms, embeddings, head) in fp32; evaluate the same numerics."""
+    from peft import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _attach_adapter(model: torch.nn.Module, target: Target) -> torch.nn.Module:
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(target.adapter_dir))
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise LorakitError(
+            f"{target.reference}: the adapter does not fit its base model "
+            f"{target.base_reference!r}: {str(exc).splitlines()[0]}"
+        ) from None
