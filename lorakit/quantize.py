@@ -571,11 +571,24 @@ def _write_hyperparameters(writer, config, head_dim: int) -> None:
     if rope_type == "linear":
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
-    elif rope_type not in ("default", None):
+    elif rope_type not in ("default", None, "llama3"):  # llama3: a rope_freqs tensor
         raise LorakitError(
             f"GGUF export: RoPE scaling {rope_type!r} is not supported by lorakit's GGUF writer "
-            "(none and linear are)"
+            "(none, linear and llama3 are)"
         )
+
+
+def _rope_frequency_factors(model: PreTrainedModel, config, head_dim: int) -> torch.Tensor | None:
+    """Llama 3.x scales its rotary frequencies; llama.cpp divides each base frequency by a
+    factor read from a `rope_freqs` tensor. The factors are taken from the frequencies
+    transformers itself computed for this model, so both sides rotate identically."""
+    rope = _rope_parameters(config)
+    if rope.get("rope_type", rope.get("type")) != "llama3":
+        return None
+    scaled = next(m.inv_freq for m in model.modules() if hasattr(m, "inv_freq")).float()
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    base = 1.0 / (float(rope["rope_theta"]) ** exponents)
+    return base / scaled
 
 
 def _write_tokenizer(writer, tokenizer, location: str, vocab_size: int) -> tuple[str, bool]:
@@ -702,6 +715,11 @@ def export_gguf(
     model = AutoModelForCausalLM.from_pretrained(resolved.location, dtype="auto")
     state = model.state_dict()
     plan = _plan_tensors(state, arch, config.num_hidden_layers, wanted)
+    factors = _rope_frequency_factors(model, config, head_dim)
+    if factors is not None:
+        state = {**state, "rope_freqs": factors}
+        f32 = gguf.GGMLQuantizationType.F32
+        plan.append(_PlannedTensor("rope_freqs.weight", "rope_freqs", f32, (len(factors),)))
     for item in plan:
         block, size = gguf.GGML_QUANT_SIZES[item.ggml_type]
         nbytes = math.prod(item.shape) // block * size

@@ -444,3 +444,46 @@ def test_gguf_records_whether_the_tokenizer_adds_bos(tmp_path, tiny_model):
     assert fields["tokenizer.ggml.add_eos_token"] is False
     llm = Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
     assert llm.tokenize(text.encode()) == ids
+
+
+def test_llama3_rope_scaling_is_exported(tmp_path, monkeypatch):
+    """Llama 3.x rescales its rotary frequencies: the export carries them as llama.cpp's
+    rope_freqs tensor (without it, the same check fails)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import lorakit.quantize
+    from tests.conftest import build_tokenizer
+
+    tokenizer = build_tokenizer(chat=True)
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        rope_parameters=rope,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path / "llama3"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    report = export_gguf(str(folder), tmp_path / "m.gguf")
+    assert report.tensor_types["F32"] == 6  # 5 norms + rope_freqs
+    good = verify_gguf(tmp_path / "m.gguf", str(folder), new_tokens=16)
+    assert max(c.max_logit_diff for c in good) < 0.1
+    monkeypatch.setattr(lorakit.quantize, "_rope_frequency_factors", lambda *a: None)
+    export_gguf(str(folder), tmp_path / "unscaled.gguf")
+    bad = verify_gguf(tmp_path / "unscaled.gguf", str(folder), new_tokens=16)
+    assert min(c.max_logit_diff for c in bad) > 1
