@@ -15,6 +15,7 @@ and the chat template go into the metadata. `verify_gguf` runs the file in llama
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -866,13 +867,18 @@ def verify_gguf(
 
 @torch.no_grad()
 def _greedy_tokens(model: PreTrainedModel, ids: list[int], count: int) -> list[int]:
-    """Greedy continuation of exactly `count` tokens (no stop at EOS: every position compares).
-    Each step reruns the whole sequence: short, and free of KV-cache API differences."""
-    sequence = list(ids)
+    """Greedy continuation of exactly `count` tokens (no stop at EOS: every position compares),
+    one token per step on the KV cache."""
+    # transformers 5.24 renamed `past_key_values` to `cache`; older 5.x releases take the former.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    tokens: list[int] = []
+    inputs, cache = torch.tensor([ids]), None
     for _ in range(count):
-        logits = model(torch.tensor([sequence]), use_cache=False).logits
-        sequence.append(int(logits[0, -1].argmax()))
-    return sequence[len(ids) :]
+        result = model(input_ids=inputs, use_cache=True, logits_to_keep=1, **{name: cache})
+        cache = result.cache if name == "cache" else result.past_key_values
+        tokens.append(int(result.logits[0, -1].argmax()))
+        inputs = torch.tensor([[tokens[-1]]])
+    return tokens
 
 
 # ---------------------------------------------------------------------------------------------
