@@ -367,6 +367,89 @@ def _choice(option: str, value: str | None, allowed: tuple[str, ...]) -> str | N
     return value
 
 
+@app.command("quantize")
+@user_errors
+def quantize_command(
+    model: Annotated[
+        str, typer.Argument(help="A full or merged model: folder, .gguf file, alias or hub id.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (bnb) or .gguf file (gguf).")],
+    format_: Annotated[
+        str, typer.Option("--format", help="bnb: 4-bit bitsandbytes folder; gguf: llama.cpp file.")
+    ] = "bnb",
+    method: Annotated[str | None, typer.Option(help="bnb: nf4 (default) or fp4.")] = None,
+    double_quant: Annotated[
+        bool | None,
+        typer.Option(
+            "--double-quant/--no-double-quant",
+            help="bnb: also quantize the per-block scales (default on).",
+        ),
+    ] = None,
+    blocksize: Annotated[
+        int | None, typer.Option(help="bnb: weights per quantization block (default 64).")
+    ] = None,
+    type_: Annotated[
+        str | None,
+        typer.Option(
+            "--type", help="gguf: f16 (default), f32, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0."
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="bnb: measure perplexity before and after on this dataset file."),
+    ] = None,
+    max_seq_len: Annotated[int, typer.Option(help="bnb: truncate --data examples.")] = 512,
+    dtype: Annotated[
+        str,
+        typer.Option(help="bnb: dtype of unquantized tensors and 4-bit compute (auto = as train)."),
+    ] = "auto",
+    verify: Annotated[
+        bool,
+        typer.Option(help="gguf: run the file in llama.cpp and compare greedy tokens."),
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out.")] = False,
+) -> None:
+    """Quantize a model to 4 bits (NF4/FP4, measured) or export it to GGUF for llama.cpp."""
+    from lorakit import quantize
+
+    if format_ == "bnb":
+        if type_ is not None or verify:
+            raise LorakitError("--type and --verify apply to --format gguf")
+        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise LorakitError(f"--dtype: {dtype!r} is not auto, float32, bfloat16 or float16")
+        report = quantize.quantize_model(
+            model,
+            out,
+            method=method or "nf4",
+            double_quant=True if double_quant is None else double_quant,
+            blocksize=blocksize or 64,
+            dtype=dtype,
+            data=data,
+            max_seq_len=max_seq_len,
+            overwrite=overwrite,
+        )
+        for table in quantize.report_tables(report):
+            console.print(table)
+    elif format_ == "gguf":
+        given = [
+            flag
+            for flag, value in (
+                ("--method", method),
+                ("--double-quant", double_quant),
+                ("--blocksize", blocksize),
+                ("--data", data),
+            )
+            if value is not None
+        ]
+        if given:
+            raise LorakitError(f"{', '.join(given)} apply to --format bnb; GGUF takes --type")
+        report = quantize.export_gguf(model, out, gguf_type=type_ or "f16", overwrite=overwrite)
+        checks = quantize.verify_gguf(out, report.location) if verify else []
+        console.print(quantize.gguf_table(report, checks))
+    else:
+        raise LorakitError(f"--format: {format_!r} is not bnb or gguf")
+
+
 def main() -> None:
     app()
 

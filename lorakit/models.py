@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from lorakit.errors import LorakitError
 
@@ -134,3 +140,12 @@ def load_tokenizer(location: str, trust_remote_code: bool = False) -> PreTrained
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_config(location: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise LorakitError(
+            f"model.name_or_path: cannot load {location!r}: {str(exc).splitlines()[0]}"
+        ) from None

@@ -46,12 +46,27 @@ def choose_compute_dtype(setting: str, device: torch.device) -> torch.dtype:
 def build_bnb_config(quant: QuantSection, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
     if not quant.load_in_4bit:
         return None
+    return build_4bit_config(
+        quant.bnb_4bit_quant_type,
+        quant.bnb_4bit_use_double_quant,
+        compute_dtype,
+        getattr(torch, quant.bnb_4bit_quant_storage),
+    )
+
+
+def build_4bit_config(
+    quant_type: str,
+    double_quant: bool,
+    compute_dtype: torch.dtype,
+    quant_storage: torch.dtype = torch.uint8,
+) -> BitsAndBytesConfig:
+    """The 4-bit config shared by training (from the recipe) and `lorakit quantize`."""
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=getattr(torch, quant.bnb_4bit_quant_storage),
+        bnb_4bit_quant_storage=quant_storage,
     )
 
 
