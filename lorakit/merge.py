@@ -58,11 +58,13 @@ BASES = ("original", "dequantized")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMBINED = "combined"
 VERIFY_NEW_TOKENS = 16
-# Mean KL(unmerged || merged) per token, in nats. fp32 merges land near 1e-9; bf16/fp16 round
-# W + ΔW to 8/11 mantissa bits and land near 1e-4–1e-3 (see benchmarks/merge_latency.py).
-DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# Mean KL(unmerged || merged) per token, in nats. Measured on SmolLM2-135M with a quickstart
+# adapter: fp32 ~3e-8, fp16 ~5e-5, bf16 3e-3 to 7e-3 (W + ΔW rounded to 8 mantissa bits).
+DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 # The merge error may be at most this share of the adapter's own effect (both as mean KL).
 MAX_SHARE_OF_EFFECT = 0.1
+# Below this mean KL a difference is float rounding, whatever the adapter's size.
+NOISE_FLOOR = 1e-6
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
     "Explain why the sky is blue in two sentences.",
@@ -136,11 +138,9 @@ class VerifyReport:
         # Absolute: the merged model predicts like base + adapter. Relative: the merge keeps
         # most of what the adapter does (a low-precision merge of a weak adapter can round it
         # away while staying close to the base in absolute terms).
-        self.passed = (
-            math.isfinite(self.mean_kl)
-            and self.mean_kl <= self.tolerance
-            and self.mean_kl <= MAX_SHARE_OF_EFFECT * self.adapter_kl
-        )
+        keeps_effect = self.mean_kl <= max(MAX_SHARE_OF_EFFECT * self.adapter_kl, NOISE_FLOOR)
+        within = math.isfinite(self.mean_kl) and self.mean_kl <= self.tolerance
+        self.passed = within and keeps_effect
 
 
 @dataclass

@@ -15,12 +15,7 @@ from typer.testing import CliRunner
 
 from lorakit.checkpoint import PROVENANCE_FILE, RECIPE_FILE, save_adapter
 from lorakit.cli import app
-from lorakit.merge import (
-    MergeOptions,
-    attach_adapters,
-    merge,
-    read_adapter,
-)
+from lorakit.merge import MergeOptions, VerifyReport, attach_adapters, merge, read_adapter
 from lorakit.models import load_tokenizer, resolve_model
 from lorakit.peft_setup import build_trainable_model, keep_4bit_layers_differentiable
 from lorakit.recipe import load_recipe
@@ -131,6 +126,25 @@ def test_merged_model_equals_base_plus_adapter_in_fp32(trained_run, tiny_model, 
     assert type(loaded).__name__ == "LlamaForCausalLM"
     assert (logits(loaded) - logits(unmerged.eval())).abs().max().item() < 1e-4
     assert (logits(loaded) - logits(fp32_base(tiny_model("llama")))).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2", "tied-llama"])
+def test_each_architecture_merges_and_reloads(arch, tiny_model, tmp_path):
+    # Qwen2 has q/k/v biases, GPT-2 Conv1D layers (fan_in_fan_out), SmolLM2-style models tie
+    # the output head to the embeddings.
+    if arch == "tied-llama":
+        model_dir = other_model(tmp_path, "tied", tie_word_embeddings=True)
+        build_tokenizer(chat=True).save_pretrained(model_dir)
+    else:
+        model_dir = tiny_model(arch)
+    run = random_adapter(tmp_path, model_dir, arch, seed=6)
+    out = tmp_path / "merged"
+    result = merge(MergeOptions(source=run, out=out, dtype="float32", verify_prompts=2))
+    assert result.verify is not None and result.verify.passed
+    unmerged = PeftModel.from_pretrained(fp32_base(model_dir), run / "adapter").eval()
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (logits(loaded) - logits(unmerged)).abs().max().item() < 1e-4
+    assert (logits(loaded) - logits(fp32_base(model_dir))).abs().max().item() > 1e-3
 
 
 def test_output_folder_holds_a_servable_model_and_provenance(trained_run, tmp_path):
@@ -312,6 +326,32 @@ def test_bf16_merge_is_measured_and_a_tight_tolerance_fails(trained_run, tmp_pat
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     info = json.loads((out / PROVENANCE_FILE).read_text())
     assert 0 < info["verify"]["mean_kl"] <= info["verify"]["tolerance"]
+
+
+@pytest.mark.parametrize(
+    ("mean_kl", "adapter_kl", "tolerance", "passed"),
+    [
+        (3e-8, 0.5, 1e-4, True),  # an fp32 merge
+        (4e-3, 0.5, 2e-2, True),  # a bf16 merge of a strong adapter
+        (3e-2, 0.5, 2e-2, False),  # above the tolerance
+        (4e-3, 5e-3, 2e-2, False),  # within tolerance, but rounding erased most of the adapter
+        (5e-7, 1e-7, 1e-4, True),  # float noise on a barely trained adapter
+        (0.0, 0.0, 1e-4, True),  # an untrained adapter (B = 0) merges exactly
+        (float("nan"), 0.5, 1e-4, False),
+    ],
+)
+def test_verify_gate(mean_kl, adapter_kl, tolerance, passed):
+    report = VerifyReport(
+        prompts=4,
+        tokens=100,
+        max_abs_logit_diff=0.1,
+        mean_kl=mean_kl,
+        greedy_agreement=1.0,
+        adapter_effect=5.0,
+        adapter_kl=adapter_kl,
+        tolerance=tolerance,
+    )
+    assert report.passed is passed
 
 
 def test_existing_output_needs_force(trained_run, tmp_path):
