@@ -2,8 +2,9 @@
 the one-copy memory promise, measured in one run.
 
 1. Train a short quickstart adapter (or reuse --run).
-2. `lorakit merge RUN --dtype float32` in a child process whose memory is sampled from
-   /proc/<pid>/status every 10 ms (peak VmRSS and RssAnon), next to two reference children:
+2. `lorakit merge RUN --dtype float32`, with and without --verify, each in a child process whose
+   memory is sampled from /proc/<pid>/status every 10 ms (peak VmRSS and RssAnon; RssAnon
+   leaves out file pages the kernel maps from the checkpoint), next to two reference children:
    one that only imports lorakit, one that loads the base in fp32 and writes to every weight
    (exactly one full-precision copy, resident).
 3. Greedy generation time of the base, base + unmerged adapter, and the merged model, in
@@ -120,7 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, help="a run folder to reuse instead of training")
     parser.add_argument("--work", type=Path, help="where to write (default: a temp folder)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
 
@@ -139,6 +140,8 @@ def main() -> None:
 
     merge_args = ("merge", str(run), "--out", str(merged_dir), "--dtype", "float32", "--force")
     merge = run_sampled(lorakit_command(*merge_args))
+    no_verify = ("--out", str(work / "merged-no-verify"), "--dtype", "float32", "--no-verify")
+    merge_no_verify = run_sampled(lorakit_command("merge", str(run), *no_verify, "--force"))
     imports = run_sampled([sys.executable, "-c", "import lorakit.merge"])
     one_copy = run_sampled([sys.executable, "-c", ONE_COPY.format(location=location)])
     base = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
@@ -155,7 +158,8 @@ def main() -> None:
     for label, peak in (
         ("import lorakit only", imports),
         ("one resident fp32 copy", one_copy),
-        ("lorakit merge (+verify)", merge),
+        ("lorakit merge --no-verify", merge_no_verify),
+        ("lorakit merge (verify on)", merge),
     ):
         above = peak["rss"] - imports["rss"]
         print(
@@ -173,7 +177,8 @@ def main() -> None:
         "merged": AutoModelForCausalLM.from_pretrained(merged_dir).eval(),
         "base (timed again)": base,
     }
-    prompts = list(recipe.eval.sample_prompts) or ["What is the tallest mountain in the world?"]
+    # The run was trained without sample prompts (they only slow training); use the recipe's.
+    prompts = list(load_recipe(ROOT / "configs" / "quickstart.yaml").eval.sample_prompts)
     times = time_generation(models, tokenizer, prompts, args.new_tokens, args.rounds)
     base_median = statistics.median(times["base"])
     print(

@@ -767,11 +767,11 @@ def _verify_table(report: VerifyReport) -> Table:
     table = Table(title=f"verify: {verdict}", show_header=False, title_justify="left")
     table.add_row("prompts / positions", f"{report.prompts} / {report.tokens}")
     table.add_row("max |Δlogit| merged vs unmerged", f"{report.max_abs_logit_diff:.3g}")
-    table.add_row(
-        "adapter effect vs base: max |Δlogit|, mean KL",
-        f"{report.adapter_effect:.3g}, {report.adapter_kl:.3g}",
-    )
     table.add_row("mean KL merged vs unmerged", f"{report.mean_kl:.3g}")
+    table.add_row(
+        "adapter effect (vs base)",
+        f"max |Δlogit| {report.adapter_effect:.3g}, mean KL {report.adapter_kl:.3g}",
+    )
     table.add_row(
         "tolerance",
         f"{report.tolerance:.3g} and ≤ {MAX_SHARE_OF_EFFECT:g} x adapter KL",
