@@ -47,10 +47,12 @@ def quiet_libraries() -> None:
     # Paged optimizer state is a CUDA feature; on the CPU bitsandbytes runs the same
     # optimizer unpaged, and says so once per tensor.
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    # peft probes a deprecated transformers property when it wraps a model.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 
 def user_errors(command: F) -> F:
-    """Turn LorakitError into `error: …` lines on stderr and exit code 2."""
+    """Turn LorakitError into `error: …` lines on stderr and its exit code (2: bad input)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -60,7 +62,7 @@ def user_errors(command: F) -> F:
         except LorakitError as exc:
             for line in str(exc).splitlines():
                 print(f"error: {line}", file=sys.stderr)
-            raise typer.Exit(2) from None
+            raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -448,6 +450,80 @@ def quantize_command(
         console.print(quantize.gguf_table(report, checks))
     else:
         raise LorakitError(f"--format: {format_!r} is not bnb or gguf")
+
+
+@app.command("merge")
+@user_errors
+def merge_command(
+    source: Annotated[Path, typer.Argument(help="A run folder (lorakit train) or adapter folder.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for the merged model.")] = None,
+    adapter: Annotated[
+        list[Path] | None,
+        typer.Option("--adapter", help="Another adapter (run or adapter folder) to combine."),
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option("--weights", help="One weight per adapter, e.g. 0.7,0.3.")
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method",
+            help="How several adapters combine: linear|cat|svd|ties|dare_ties|dare_linear|"
+            "magnitude_prune (default cat: the exact weighted sum).",
+        ),
+    ] = None,
+    density: Annotated[
+        float | None, typer.Option("--density", help="Fraction kept by ties/dare/magnitude_prune.")
+    ] = None,
+    base: Annotated[
+        str,
+        typer.Option(
+            "--base", help="original: full-precision base; dequantized: its NF4 round trip."
+        ),
+    ] = "original",
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", help="auto (as the base is stored)|float32|bfloat16|float16."),
+    ] = "auto",
+    base_model: Annotated[
+        str | None,
+        typer.Option("--base-model", help="Load the base from here, not the saved reference."),
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Compare merged vs unmerged logits.")
+    ] = True,
+    verify_prompts: Annotated[
+        int, typer.Option("--verify-prompts", help="Sample prompts the check runs.")
+    ] = 4,
+    tolerance: Annotated[
+        float | None,
+        typer.Option("--tolerance", help="Largest mean KL (nats/token) verify accepts."),
+    ] = None,
+    max_shard_size: Annotated[
+        str, typer.Option("--max-shard-size", help="Split safetensors above this size.")
+    ] = "5GB",
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+) -> None:
+    """Merge adapters into the base model and write a model that loads anywhere."""
+    from lorakit.merge import MergeOptions, merge, parse_weights
+
+    options = MergeOptions(
+        source=source,
+        out=out,
+        adapters=tuple(adapter or ()),
+        weights=parse_weights(weights),
+        method=method,
+        density=density,
+        base=base,
+        dtype=dtype,
+        base_model=base_model,
+        verify=verify,
+        verify_prompts=verify_prompts,
+        tolerance=tolerance,
+        max_shard_size=max_shard_size,
+        force=force,
+    )
+    merge(options, console=console)
 
 
 def main() -> None:

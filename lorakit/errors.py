@@ -4,5 +4,7 @@
 class LorakitError(Exception):
     """A problem with the user's input (recipe, paths, data, adapters).
 
-    The CLI prints the message as one line and exits with code 2, without a traceback.
+    The CLI prints the message as one line and exits with `exit_code`, without a traceback.
     """
+
+    exit_code = 2

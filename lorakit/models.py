@@ -92,7 +92,7 @@ def _file_in_package(package: str, filename: str, alias: str) -> Path:
     return path
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -102,7 +102,7 @@ def _file_digest(path: Path) -> str:
 
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a cached safetensors folder; return the folder."""
-    target = cache_root() / "models" / f"{gguf.stem}-{_file_digest(gguf)[:12]}"
+    target = cache_root() / "models" / f"{gguf.stem}-{file_digest(gguf)[:12]}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
