@@ -118,6 +118,9 @@ class DataSection(_Section):
     max_seq_len: PositiveInt = 512
     train_on: Literal["completions", "all"] = "completions"
     """`completions`: the loss covers responses only (prompt tokens masked); `all`: every token."""
+    group_by_length: bool = True
+    """Fill each micro-batch with examples of similar length (from a shuffled window of 64
+    batches), so less compute goes to padding; `false`: plain shuffled batches."""
 
     @field_validator("train", "validation", mode="before")
     @classmethod

@@ -192,7 +192,14 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
     for note in advice:
         say(f"[yellow]warning:[/yellow] {note}", markup=True, highlight=False)
     pad_id = tokenizer.pad_token_id
-    train_loader = make_loader(data.train, tcfg.micro_batch_size, pad_id, tcfg.seed, shuffle=True)
+    train_loader = make_loader(
+        data.train,
+        tcfg.micro_batch_size,
+        pad_id,
+        tcfg.seed,
+        shuffle=True,
+        group_by_length=recipe.data.group_by_length,
+    )
     val_loader = make_loader(
         data.validation, tcfg.micro_batch_size, pad_id, tcfg.seed, shuffle=False
     )
