@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: install demo test lint format bench clean
 
@@ -17,6 +18,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The benchmark compares against TRL, which lorakit itself does not need.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
 
 demo: install
 	$(BIN)/lorakit train configs/quickstart.yaml --overwrite
@@ -34,7 +40,7 @@ format: install
 	$(BIN)/ruff format lorakit tests benchmarks
 	$(BIN)/ruff check --fix lorakit tests benchmarks
 
-bench: install
+bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py
 
 clean:
