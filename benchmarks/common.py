@@ -73,7 +73,7 @@ class ArmResult:
     peak_rss_mb: float
     """ru_maxrss of the arm's process: model loading, training and evaluation."""
     train_peak_rss_mb: float
-    """Largest RSS sampled (every 20 ms) during the training loop."""
+    """Largest RSS sampled (every 20 ms) from the first optimizer step to the end of training."""
     setup_seconds: float
     loop_cpu_seconds: float
     """CPU time of the training loop, all threads."""
@@ -117,18 +117,22 @@ def peak_rss_mb() -> float:
 
 
 class RssSampler:
-    """The largest resident set size seen while the `with` block runs."""
+    """The largest resident set size seen while the `with` block runs, or since `restart()`
+    (called as the first optimizer step begins: model loading is not the training loop)."""
 
     def __init__(self, interval: float = 0.02) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    def _run(self) -> None:
         import psutil
 
-        process = psutil.Process(os.getpid())
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._process = psutil.Process(os.getpid())
+
+    def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, process.memory_info().rss)
+            self.peak = max(self.peak, self._process.memory_info().rss)
             self._stop.wait(self.interval)
+
+    def restart(self) -> None:
+        self.peak = self._process.memory_info().rss
 
     def __enter__(self) -> RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)

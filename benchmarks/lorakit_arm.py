@@ -168,11 +168,13 @@ def main(spec: Spec, levers: list[str]) -> None:
         raw = recipe_dict(spec, str(Path(out) / "run"), "no_group_by_length" not in levers)
         recipe = Recipe.model_validate(yaml.safe_load(yaml.safe_dump(raw)))
         batching.collate = counting_collate
-        clock = StepClock()
+        clock, rss = StepClock(), RssSampler()
         forward_backward = lorakit.train.forward_backward
 
         def timed(*args, **kwargs):
-            clock.start()  # the first step begins
+            if not clock.marks:  # the first step begins
+                rss.restart()
+            clock.start()
             if profiler:
                 profiler.step()
             return forward_backward(*args, **kwargs)
@@ -186,7 +188,7 @@ def main(spec: Spec, levers: list[str]) -> None:
         lorakit.train.forward_backward = timed
         lorakit.train.MetricsLog = TimedLog
         setup_seconds = time.perf_counter() - setup_started
-        with RssSampler() as rss:
+        with rss:
             result = train(recipe, overwrite=True)
         batching.collate = collate
         losses = [r["loss"] for r in read_metrics(result.run_dir) if "loss" in r]

@@ -180,10 +180,10 @@ def compare(spec: Spec, rounds: int, source: str) -> None:
         print(f"{name:38} {a:>10} {b:>10} {ratio:>7}")
 
     dtype = spec.compute_dtype
-    achieved = flops["total"] / median([r.loop_seconds for r in lk]) / 1e9
-    trl_achieved = flops["total"] / median([r.loop_seconds for r in trl]) / 1e9
-    per_cpu = flops["total"] / median([r.loop_cpu_seconds for r in lk]) / 1e9
-    trl_per_cpu = flops["total"] / median([r.loop_cpu_seconds for r in trl]) / 1e9
+    achieved = median([flops["total"] / r.loop_seconds / 1e9 for r in lk])
+    trl_achieved = median([flops["total"] / r.loop_seconds / 1e9 for r in trl])
+    per_cpu = median([flops["total"] / r.loop_cpu_seconds / 1e9 for r in lk])
+    trl_per_cpu = median([flops["total"] / r.loop_cpu_seconds / 1e9 for r in trl])
     se = max(median([r.heldout_se for r in lk]), median([r.heldout_se for r in trl]))
     gap = median([r.heldout_loss for r in lk]) - median([r.heldout_loss for r in trl])
     print()
@@ -225,6 +225,11 @@ def compare(spec: Spec, rounds: int, source: str) -> None:
 
 LEVER_RUNS = [
     # (label, Spec changes, lorakit_arm levers)
+    (
+        "all four code levers below off (lorakit before them)",
+        {},
+        ["no_fast_lora", "fp32_embeddings", "checkpointed_head", "no_group_by_length"],
+    ),
     ("compute dtype float32 (auto picks bf16 here)", {"compute_dtype": "float32"}, []),
     ("PEFT's LoRA forward, not the fused dropout-free path", {}, ["no_fast_lora"]),
     ("lora_dropout 0.05 (PEFT's path)", {"lora_dropout": 0.05}, []),

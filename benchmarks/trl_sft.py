@@ -103,11 +103,13 @@ def main(spec: Spec, profile: bool = False) -> None:
         disable_tqdm=True,
     )
 
-    clock, losses = StepClock(), []
+    clock, losses, rss = StepClock(), [], RssSampler()
     profiler = StepProfiler() if profile else None
 
     class Measure(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
+            if not clock.marks:  # the first step begins
+                rss.restart()
             clock.start()
             if profiler:
                 profiler.step()
@@ -139,7 +141,7 @@ def main(spec: Spec, profile: bool = False) -> None:
 
     trainer.data_collator = counting_collator
     setup_seconds = time.perf_counter() - setup_started
-    with RssSampler() as rss:
+    with rss:
         trainer.train()
     memory = device_peak_memory()
     if profiler:

@@ -91,6 +91,7 @@ def _single_plain_adapter(layer: nn.Module) -> str | None:
     if (
         (bias is not None and bias.requires_grad)
         or name not in layer.lora_A
+        or layer.lora_B[name].bias is not None
         or name in getattr(layer, "lora_variant", {})
         or not isinstance(layer.lora_dropout[name], nn.Identity)
         or torch.is_autocast_enabled()

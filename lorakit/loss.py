@@ -108,7 +108,7 @@ class HeadNLLFunction(torch.autograd.Function):
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             # d(sum NLL)/d(logits) = softmax - one-hot, computed in place over the logits.
             grad = logits.sub_(lse[:, None]).exp_()
-            grad[torch.arange(t.numel()), t] -= 1
+            grad[torch.arange(t.numel(), device=t.device), t] -= 1
             if softcap:
                 grad.mul_(1 - capped.square_())
             grad = grad.to(weight.dtype)
