@@ -6,7 +6,7 @@ with the same hyperparameters, for one epoch, each in its own process, alternati
 (lorakit, TRL, lorakit, TRL, ...) so that load from other work on the machine hits both. The
 machine's matmul peak is measured in the same run.
 
-    python benchmarks/run.py                 # the comparison (~5 min on 2 CPU cores)
+    python benchmarks/run.py                 # the comparison (~2 min on 2 idle CPU cores)
     python benchmarks/run.py --levers        # lorakit's speed choices, one by one
     python benchmarks/run.py --profile       # where a TRL step and a lorakit step spend time
 """
@@ -248,7 +248,7 @@ def levers(spec: Spec, only: list[str]) -> None:
     print(
         "| lever (changed from lorakit's default) | trained tok/s default / lever "
         "| default is (wall) | CPU s per step default / lever | default is (CPU) "
-        "| held-out loss default / lever | peak RSS MB default / lever | padding |"
+        "| held-out loss default / lever | loop peak RSS MB default / lever | padding |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, changes, flags in LEVER_RUNS:
@@ -262,7 +262,7 @@ def levers(spec: Spec, only: list[str]) -> None:
             f"| {label} | {fast:.1f} / {slow:.1f} | {fast / slow:.2f}x "
             f"| {cpu:.2f} / {cpu_lever:.2f} | {cpu_lever / cpu:.2f}x "
             f"| {base.heldout_loss:.4f} / {variant.heldout_loss:.4f} "
-            f"| {base.peak_rss_mb:.0f} / {variant.peak_rss_mb:.0f} "
+            f"| {base.train_peak_rss_mb:.0f} / {variant.train_peak_rss_mb:.0f} "
             f"| {padding(base):.1%} / {padding(variant):.1%} |",
             flush=True,
         )
