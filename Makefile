@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 RUNTIME := $(VENV)/.runtime
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: install demo test lint format bench clean
 
@@ -30,6 +31,11 @@ $(STAMP): $(RUNTIME)
 
 install: $(STAMP)
 
+# The benchmark compares against TRL, which lorakit itself does not need.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
 demo: $(RUNTIME)
 	$(BIN)/lorakit train configs/quickstart.yaml --overwrite
 
@@ -46,7 +52,7 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: install
+bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py
 
 clean:

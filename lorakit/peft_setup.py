@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from lorakit.errors import LorakitError
+from lorakit.fast_lora import enable_fast_lora
 from lorakit.recipe import LoraSection, QuantSection, Recipe
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,6 +105,30 @@ def keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def keep_frozen_embeddings_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Undo `prepare_model_for_kbit_training`'s fp32 upcast for the frozen embedding matrices.
+
+    The upcast guards fp16 training; with bf16 compute it only doubles the largest non-4-bit
+    weights (the embedding, tied to the output head in small models: a fifth of SmolLM2) and
+    makes the head's matmul run in fp32 (~4x slower than bf16 on a CPU with AVX-512-BF16).
+    They were loaded in bf16, so keeping them there loses nothing. The head then casts its
+    input to its own dtype, so every forward (generation included) still works."""
+    if dtype != torch.bfloat16:
+        return
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter)()
+        if module is None or module.weight.requires_grad or module.weight.dtype == dtype:
+            continue
+        module.weight.data = module.weight.data.to(dtype)
+    head = model.get_output_embeddings()
+    if head is not None and not head.weight.requires_grad:
+        head.register_forward_pre_hook(_cast_input_to_weight_dtype)
+
+
+def _cast_input_to_weight_dtype(module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].to(module.weight.dtype), *args[1:])
 
 
 def linear_modules(model: PreTrainedModel) -> dict[str, str]:
@@ -233,6 +258,9 @@ def build_trainable_model(
         )
     except ValueError as exc:
         raise LorakitError(f"lora: {str(exc).splitlines()[0]}") from None
+    if recipe.quant.load_in_4bit:
+        keep_frozen_embeddings_in(peft_model.get_base_model(), dtype)
+    enable_fast_lora(peft_model, dtype)
     trainable, total = peft_model.get_nb_trainable_parameters()
     layers = recipe.lora.layers_to_transform
     summary = ModelSummary(

@@ -302,8 +302,19 @@ def train(
     pad_id = tokenizer.pad_token_id
     # flash-attention reads packed examples from one flattened row (its varlen path).
     flat = recipe.data.packing and recipe.model.attn_implementation == "flash_attention_2"
-    train_loader = make_loader(data.train, tcfg.micro_batch_size, pad_id, tcfg.seed, True, flat)
-    val_loader = make_loader(data.validation, tcfg.micro_batch_size, pad_id, tcfg.seed, False, flat)
+    train_loader = make_loader(
+        data.train,
+        tcfg.micro_batch_size,
+        pad_id,
+        tcfg.seed,
+        shuffle=True,
+        flatten=flat,
+        group_by_length=recipe.data.group_by_length,
+        processes=accelerator.num_processes,
+    )
+    val_loader = make_loader(
+        data.validation, tcfg.micro_batch_size, pad_id, tcfg.seed, shuffle=False, flatten=flat
+    )
     sampler = train_loader.sampler
     loss_module = TokenNLL(model)
     # FSDP's auto-wrap shards the layers the model names as unsplittable (its decoder layers).

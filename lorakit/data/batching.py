@@ -1,4 +1,5 @@
-"""Batches: a deterministic per-epoch shuffle and right-padded (or packed) tensors."""
+"""Batches: a deterministic per-epoch shuffle (optionally grouped by length) and right-padded
+(or packed) tensors."""
 
 from __future__ import annotations
 
@@ -27,6 +28,32 @@ class EpochShuffle(Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
+
+
+class LengthGroupedShuffle(EpochShuffle):
+    """A seeded shuffle whose micro-batches hold examples of similar length: less padding.
+
+    Each epoch: shuffle, sort every window of `window` micro-batches by length, cut it into
+    micro-batches and shuffle those. The epoch order stays random, a batch just stops mixing a
+    20-token example with a 200-token one. Only the last batch may be short; it stays last so
+    the DataLoader's consecutive grouping keeps every batch as built."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 64) -> None:
+        super().__init__(len(lengths), seed)
+        self.lengths, self.batch_size, self.span = lengths, batch_size, batch_size * window
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        batches: list[list[int]] = []
+        for start in range(0, self.size, self.span):
+            window = sorted(order[start : start + self.span], key=self.lengths.__getitem__)
+            batches += [
+                window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)
+            ]
+        short = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+        return iter([index for batch in shuffled + short for index in batch])
 
 
 def collate(
@@ -87,11 +114,21 @@ def make_loader(
     seed: int,
     shuffle: bool,
     flatten: bool = False,
+    group_by_length: bool = False,
+    processes: int = 1,
 ) -> DataLoader:
+    """`processes`: how many processes split each step's batches between them. Length groups
+    are then built for the global batch, so N processes see the examples one process with
+    N times the micro-batch would."""
+    if shuffle and group_by_length and examples:
+        lengths = [len(e.input_ids) for e in examples]
+        sampler: EpochShuffle = LengthGroupedShuffle(lengths, batch_size * processes, seed)
+    else:
+        sampler = EpochShuffle(len(examples), seed, shuffle)
     return DataLoader(
         examples,
         batch_size=batch_size,
-        sampler=EpochShuffle(len(examples), seed, shuffle),
+        sampler=sampler,
         collate_fn=lambda batch: collate(batch, pad_token_id, flatten),
         # Each new iterator draws a seed; from its own generator it leaves the global torch RNG
         # (dropout) alone, so a run resumed mid-epoch draws the same masks as an unbroken one.

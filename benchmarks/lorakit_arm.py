@@ -1,0 +1,227 @@
+"""The lorakit arm: `lorakit.train.train` on the benchmark recipe, measured.
+
+    python benchmarks/lorakit_arm.py '<Spec JSON>' [LEVER ...]
+
+A LEVER turns one of lorakit's speed choices back off, to measure what it is worth (see
+`LEVERS`); the recipe-level ones (dtype, threads, checkpointing, dropout) are Spec fields.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    ArmResult,
+    RssSampler,
+    Spec,
+    StepClock,
+    StepProfiler,
+    device_peak_memory,
+    emit,
+    heldout_loss,
+    peak_rss_mb,
+    set_threads,
+)
+
+
+def recipe_dict(spec: Spec, output_dir: str, group_by_length: bool) -> dict:
+    return {
+        "model": {"name_or_path": spec.model},
+        "quant": {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": spec.compute_dtype,
+        },
+        "lora": {
+            "r": spec.r,
+            "lora_alpha": spec.lora_alpha,
+            "lora_dropout": spec.lora_dropout,
+            "target_modules": spec.target_modules,
+        },
+        "data": {
+            "train": spec.train_file,
+            "max_seq_len": spec.max_seq_len,
+            "group_by_length": group_by_length,
+        },
+        "train": {
+            "epochs": spec.epochs,
+            "micro_batch_size": spec.micro_batch_size,
+            "gradient_accumulation_steps": spec.gradient_accumulation_steps,
+            "learning_rate": spec.learning_rate,
+            "lr_scheduler_type": spec.lr_scheduler_type,
+            "warmup_ratio": spec.warmup_ratio,
+            "optimizer": spec.optimizer,
+            "gradient_checkpointing": spec.gradient_checkpointing,
+            "seed": spec.seed,
+            "logging_steps": 1,
+        },
+        "output": {"dir": output_dir},
+    }
+
+
+def no_fast_lora() -> None:
+    import lorakit.peft_setup
+
+    lorakit.peft_setup.enable_fast_lora = lambda model, dtype: 0
+
+
+def fp32_embeddings() -> None:
+    import lorakit.peft_setup
+
+    lorakit.peft_setup.keep_frozen_embeddings_in = lambda model, dtype: None
+
+
+def checkpointed_head() -> None:
+    """The head as before: chunks of 1024 positions, each under activation checkpointing (the
+    logits are recomputed in backward: three head matmuls per trained token)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    import lorakit.train
+    from lorakit.data import IGNORE_INDEX
+    from lorakit.loss import TokenNLL, _chunk_nll, causal_lm_of
+
+    class CheckpointedChunks(TokenNLL):
+        def forward(self, input_ids, attention_mask, labels, position_ids=None):
+            causal_lm = causal_lm_of(self.model)
+            backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+            head = causal_lm.get_output_embeddings()
+            hidden = backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            ).last_hidden_state
+            keep = labels[:, 1:] != IGNORE_INDEX
+            hidden, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
+            total = hidden.new_zeros((), dtype=torch.float32)
+            for start in range(0, targets.numel(), 1024):
+                part = (hidden[start : start + 1024], targets[start : start + 1024])
+                total = total + checkpoint(_chunk_nll, *part, head, None, use_reentrant=False)
+            return total, keep.sum()
+
+    lorakit.train.TokenNLL = CheckpointedChunks
+
+
+def full_logits() -> None:
+    """The transformers default: the model's forward builds [batch, seq, vocab] logits."""
+    import torch
+    import torch.nn.functional as F
+
+    import lorakit.train
+    from lorakit.data import IGNORE_INDEX
+    from lorakit.loss import TokenNLL
+
+    class FullLogits(TokenNLL):
+        def forward(self, input_ids, attention_mask, labels, position_ids=None):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            targets = labels[:, 1:]
+            nll = F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1),
+                targets.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            return nll, (targets != IGNORE_INDEX).sum().to(torch.int64)
+
+    lorakit.train.TokenNLL = FullLogits
+
+
+LEVERS = {
+    "no_fast_lora": no_fast_lora,
+    "fp32_embeddings": fp32_embeddings,
+    "checkpointed_head": checkpointed_head,
+    "full_logits": full_logits,
+    "no_group_by_length": None,  # a recipe key
+}
+
+
+def main(spec: Spec, levers: list[str]) -> None:
+    setup_started = time.perf_counter()
+    set_threads(spec)
+    profiler = StepProfiler() if "--profile" in levers else None
+    levers = [lever for lever in levers if lever != "--profile"]
+    for lever in levers:
+        if LEVERS[lever] is not None:
+            LEVERS[lever]()
+    import lorakit.data.batching as batching
+    import lorakit.train
+    from lorakit.recipe import Recipe
+    from lorakit.tracking import read_metrics
+    from lorakit.train import train
+
+    counts = {"real": 0, "padded": 0}
+    collate = batching.collate
+
+    def counting_collate(examples, pad_token_id):
+        batch = collate(examples, pad_token_id)
+        counts["real"] += int(batch["attention_mask"].sum())
+        counts["padded"] += batch["input_ids"].numel()
+        return batch
+
+    with tempfile.TemporaryDirectory() as out:
+        raw = recipe_dict(spec, str(Path(out) / "run"), "no_group_by_length" not in levers)
+        recipe = Recipe.model_validate(yaml.safe_load(yaml.safe_dump(raw)))
+        batching.collate = counting_collate
+        clock, rss = StepClock(), RssSampler()
+        forward_backward = lorakit.train.forward_backward
+
+        def timed(*args, **kwargs):
+            if not clock.marks:  # the first step begins
+                rss.restart()
+            clock.start()
+            if profiler:
+                profiler.step()
+            return forward_backward(*args, **kwargs)
+
+        class TimedLog(lorakit.train.MetricsLog):
+            def write(self, record):
+                if "loss" in record:
+                    clock.tick()  # a step ends once it is logged
+                super().write(record)
+
+        lorakit.train.forward_backward = timed
+        lorakit.train.MetricsLog = TimedLog
+        setup_seconds = time.perf_counter() - setup_started
+        with rss:
+            result = train(recipe, overwrite=True)
+        batching.collate = collate
+        losses = [r["loss"] for r in read_metrics(result.run_dir) if "loss" in r]
+    memory = device_peak_memory()
+    if profiler:
+        print(profiler.report("lorakit"))
+    loss, se = heldout_loss(result.model, _tokenizer(spec), spec)
+    emit(
+        ArmResult(
+            arm="lorakit" + "".join(f"-{lever}" for lever in levers),
+            trained_tokens=result.trained_tokens,
+            real_tokens=counts["real"],
+            padded_tokens=counts["padded"],
+            steps=result.steps,
+            loop_seconds=clock.total,
+            step_seconds=clock.step_seconds,
+            losses=losses,
+            heldout_loss=loss,
+            heldout_se=se,
+            peak_rss_mb=peak_rss_mb(),
+            train_peak_rss_mb=rss.peak_mb,
+            setup_seconds=setup_seconds,
+            loop_cpu_seconds=clock.cpu_total,
+            extra=memory,
+        )
+    )
+
+
+def _tokenizer(spec: Spec):
+    from lorakit.models import load_tokenizer
+
+    return load_tokenizer(spec.model)
+
+
+if __name__ == "__main__":
+    main(Spec.from_json(sys.argv[1]), sys.argv[2:])

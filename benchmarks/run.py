@@ -1,0 +1,371 @@
+"""`make bench`: lorakit against a plain TRL SFTTrainer + PEFT script on one QLoRA recipe.
+
+Both arms train the embedded SmolLM2-135M-Instruct (4-bit NF4 + double quant, LoRA r=16 on
+every linear layer, paged_adamw_8bit, gradient checkpointing) on the same instruction examples
+with the same hyperparameters, for one epoch, each in its own process, alternating
+(lorakit, TRL, lorakit, TRL, ...) so that load from other work on the machine hits both. The
+machine's matmul peak is measured in the same run.
+
+    python benchmarks/run.py                 # the comparison (~2 min on 2 idle CPU cores)
+    python benchmarks/run.py --levers        # lorakit's speed choices, one by one
+    python benchmarks/run.py --profile       # where a TRL step and a lorakit step spend time
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ROOT, ArmResult, Spec, matmul_peak, model_flops, parse  # noqa: E402
+
+DATA = ROOT / "examples" / "alpaca_instruct"
+HERE = Path(__file__).resolve().parent
+
+
+def prepare_data(
+    folder: Path, source_dir: Path, examples: int, heldout: int
+) -> tuple[str, str, str]:
+    """The first `examples` rows of the shipped instruction set for training and its
+    validation file for the held-out loss; a generated stand-in when the set is missing."""
+    train_src, val_src = source_dir / "train.jsonl", source_dir / "val.jsonl"
+    if train_src.is_file():
+        rows = _jsonl(train_src)
+        held = _jsonl(val_src) if val_src.is_file() else rows[examples:]
+        source = str(train_src.relative_to(ROOT) if train_src.is_relative_to(ROOT) else train_src)
+    else:
+        rows = generated_rows(examples + heldout)
+        held = rows[examples:]
+        source = f"generated instructions ({train_src} is missing)"
+    if len(rows) < examples:
+        raise SystemExit(f"{train_src} has {len(rows)} rows; --examples asks for {examples}")
+    train, val = folder / "train.jsonl", folder / "heldout.jsonl"
+    _write_jsonl(train, rows[:examples])
+    _write_jsonl(val, held[:heldout])
+    return str(train), str(val), source
+
+
+def generated_rows(count: int) -> list[dict]:
+    rng = random.Random(0)
+    subjects = ["the moon", "a volcano", "rain", "bees", "the ocean", "gravity", "coffee"]
+    tasks = [
+        ("Explain {s} in one sentence.", "{S} follows simple rules that can be measured."),
+        ("Give a fact about {s}.", "People have studied {s} for a very long time."),
+        ("Describe {s} to a child.", "Think of {s} as a quiet helper that works every day."),
+    ]
+    rows = []
+    for _ in range(count):
+        subject = rng.choice(subjects)
+        question, answer = rng.choice(tasks)
+        rows.append(
+            {
+                "instruction": question.format(s=subject),
+                "input": "",
+                "output": answer.format(s=subject, S=subject.capitalize()),
+            }
+        )
+    return rows
+
+
+def _jsonl(path: Path) -> list[dict]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def run_arm(script: str, spec: Spec, *extra: str) -> tuple[ArmResult, float]:
+    started = time.perf_counter()
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(HERE / script), spec.to_json(), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        raise SystemExit(f"{script} failed (exit {proc.returncode})")
+    if "--profile" in extra:
+        print(proc.stdout.split("RESULT ")[0].strip().split("PROFILE\n", 1)[-1])
+    return parse(proc.stdout), time.perf_counter() - started
+
+
+def sequence_lengths(spec: Spec) -> tuple[list[int], int]:
+    """Token counts of the training examples (lorakit's tokenization; the TRL arm's token
+    counts are printed next to them to show they agree)."""
+    from lorakit.data.pipeline import load_rows, tokenize_rows
+    from lorakit.models import load_tokenizer
+    from lorakit.recipe import DatasetSpec
+
+    tokenizer = load_tokenizer(spec.model)
+    rows = load_rows([DatasetSpec(path=spec.train_file)])
+    examples, stats = tokenize_rows(rows, tokenizer, spec.max_seq_len, "completions")
+    return [len(e.input_ids) for e in examples] * spec.epochs, stats.trained_tokens * spec.epochs
+
+
+def describe(result: ArmResult, wall: float) -> str:
+    return (
+        f"  {result.arm:<8} {result.trained_tokens_per_s:7.1f} trained tok/s  "
+        f"{result.median_step_s:6.2f} s/step  peak RSS {result.peak_rss_mb:6.0f} MB  "
+        f"final loss {result.final_loss:.4f}  held-out {result.heldout_loss:.4f}  "
+        f"({wall:.0f} s in all)"
+    )
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def compare(spec: Spec, rounds: int, source: str) -> None:
+    import torch
+
+    print(f"machine: {machine()}")
+    print(f"data: {source}; recipe: {json.dumps(dataclasses.asdict(spec))}")
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
+    results: dict[str, list[ArmResult]] = {"lorakit": [], "trl": []}
+    for round_ in range(1, rounds + 1):
+        print(f"round {round_}/{rounds}")
+        for arm, script in (("lorakit", "lorakit_arm.py"), ("trl", "trl_sft.py")):
+            result, wall = run_arm(script, spec)
+            results[arm].append(result)
+            print(describe(result, wall), flush=True)
+    for d, before in peaks.items():  # again at the end: the best the machine did in the run
+        after = matmul_peak(d)
+        peaks[d] = (max(before[0], after[0]), max(before[1], after[1]))
+
+    lengths, trained = sequence_lengths(spec)
+    flops = model_flops(spec.model, spec.r, lengths, trained, spec.gradient_checkpointing)
+    lk, trl = results["lorakit"], results["trl"]
+    rows = []
+
+    def row(name: str, get, fmt: str = "{:.1f}", ratio: bool = True) -> None:
+        a, b = median([get(r) for r in lk]), median([get(r) for r in trl])
+        rows.append((name, fmt.format(a), fmt.format(b), f"{a / b:.2f}x" if ratio else ""))
+
+    row("trained tokens/s", lambda r: r.trained_tokens_per_s)
+    row("time per optimizer step (s, median)", lambda r: r.median_step_s, "{:.2f}")
+    row("training loop (s)", lambda r: r.loop_seconds, "{:.1f}")
+    row("CPU time of the loop (s, all threads)", lambda r: r.loop_cpu_seconds, "{:.1f}")
+    row("peak RSS, whole process (MB)", lambda r: r.peak_rss_mb, "{:.0f}")
+    row("peak RSS, training loop (MB)", lambda r: r.train_peak_rss_mb, "{:.0f}")
+    row("final step loss", lambda r: r.final_loss, "{:.4f}", ratio=False)
+    row("mean train loss", lambda r: statistics.fmean(r.losses), "{:.4f}", ratio=False)
+    row("held-out loss after training", lambda r: r.heldout_loss, "{:.4f}", ratio=False)
+    row("trained tokens", lambda r: r.trained_tokens, "{:.0f}", ratio=False)
+    row("tokens (non-padding)", lambda r: r.real_tokens, "{:.0f}", ratio=False)
+    row("padding share of batches", padding, "{:.1%}", ratio=False)
+    if lk[0].extra:
+        row("peak GPU memory allocated (MB)", lambda r: r.extra["cuda_peak_allocated_mb"], "{:.0f}")
+        row("peak GPU memory reserved (MB)", lambda r: r.extra["cuda_peak_reserved_mb"], "{:.0f}")
+    row("model GFLOP/s (formula below)", lambda r: flops["total"] / r.loop_seconds / 1e9)
+    print()
+    print(f"{'':38} {'lorakit':>10} {'TRL':>10} {'ratio':>7}")
+    for name, a, b, ratio in rows:
+        print(f"{name:38} {a:>10} {b:>10} {ratio:>7}")
+
+    dtype = spec.compute_dtype
+    achieved = median([flops["total"] / r.loop_seconds / 1e9 for r in lk])
+    trl_achieved = median([flops["total"] / r.loop_seconds / 1e9 for r in trl])
+    per_cpu = median([flops["total"] / r.loop_cpu_seconds / 1e9 for r in lk])
+    trl_per_cpu = median([flops["total"] / r.loop_cpu_seconds / 1e9 for r in trl])
+    se = max(median([r.heldout_se for r in lk]), median([r.heldout_se for r in trl]))
+    gap = median([r.heldout_loss for r in lk]) - median([r.heldout_loss for r in trl])
+    print()
+    print(
+        f"matmul peak: {peaks['float32'][0]:.0f} GFLOP/s fp32, {peaks['bfloat16'][0]:.0f} "
+        f"GFLOP/s bf16 ({torch.get_num_threads()} threads); per CPU-second (one core): "
+        f"{peaks['float32'][1]:.0f} fp32, {peaks['bfloat16'][1]:.0f} bf16; "
+        f"compute dtype: {dtype}"
+    )
+    print(
+        f"model FLOPs of the run: {flops['total'] / 1e12:.2f} TFLOP "
+        f"({flops['total'] / trained / 1e9:.2f} GFLOP per trained token; linear "
+        f"{flops['linear'] / flops['total']:.0%}, LoRA {flops['lora'] / flops['total']:.0%}, "
+        f"attention {flops['attention'] / flops['total']:.0%}, head "
+        f"{flops['head'] / flops['total']:.0%}); N_linear={flops['n_linear'] / 1e6:.1f}M, "
+        f"N_lora={flops['n_lora'] / 1e6:.2f}M"
+    )
+    print(
+        f"achieved: lorakit {achieved:.0f} GFLOP/s = {achieved / peaks[dtype][0]:.0%} of the "
+        f"{dtype} matmul peak; TRL {trl_achieved:.0f} GFLOP/s = "
+        f"{trl_achieved / peaks[dtype][0]:.0%}"
+    )
+    print(
+        f"achieved per CPU-second (robust to other load on the machine): lorakit "
+        f"{per_cpu:.0f} GFLOP = {per_cpu / peaks[dtype][1]:.0%} of a core's {dtype} peak; "
+        f"TRL {trl_per_cpu:.0f} GFLOP = {trl_per_cpu / peaks[dtype][1]:.0%}"
+    )
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    print(
+        f"held-out loss difference lorakit - TRL: {gap:+.4f} "
+        f"(standard error over held-out examples: {se:.4f})"
+    )
+    print(
+        "FLOPs per run = Σ real tokens × (6·N_linear + 8·N_lora) + attention "
+        "(16·d_attn·causal context per token and layer) + Σ trained tokens × 4·V·d "
+        "(benchmarks/common.py: model_flops)."
+    )
+
+
+LEVER_RUNS = [
+    # (label, Spec changes, lorakit_arm levers)
+    (
+        "all four code levers below off (lorakit before them)",
+        {},
+        ["no_fast_lora", "fp32_embeddings", "checkpointed_head", "no_group_by_length"],
+    ),
+    ("compute dtype float32 (auto picks bf16 here)", {"compute_dtype": "float32"}, []),
+    ("PEFT's LoRA forward, not the fused dropout-free path", {}, ["no_fast_lora"]),
+    ("lora_dropout 0.05 (PEFT's path)", {"lora_dropout": 0.05}, []),
+    ("head: checkpointed chunks (3 matmuls/token)", {}, ["checkpointed_head"]),
+    ("head: full [tokens x vocab] logits", {}, ["full_logits"]),
+    ("frozen embeddings/head kept in fp32", {}, ["fp32_embeddings"]),
+    ("no length grouping", {}, ["no_group_by_length"]),
+    ("1 thread (torch.set_num_threads)", {"threads": 1}, []),
+    ("gradient checkpointing off (reference)", {"gradient_checkpointing": False}, []),
+]
+
+
+def levers(spec: Spec, only: list[str]) -> None:
+    """Each lever against the default, alternating in this one run, as a Markdown table."""
+    print(f"machine: {machine()}")
+    print(
+        "| lever (changed from lorakit's default) | trained tok/s default / lever "
+        "| default is (wall) | CPU s per step default / lever | default is (CPU) "
+        "| held-out loss default / lever | loop peak RSS MB default / lever | padding |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for label, changes, flags in LEVER_RUNS:
+        if only and not any(o in label or o in flags for o in only):
+            continue
+        base, _ = run_arm("lorakit_arm.py", spec)
+        variant, _ = run_arm("lorakit_arm.py", dataclasses.replace(spec, **changes), *flags)
+        fast, slow = base.trained_tokens_per_s, variant.trained_tokens_per_s
+        cpu, cpu_lever = (r.loop_cpu_seconds / r.steps for r in (base, variant))
+        print(
+            f"| {label} | {fast:.1f} / {slow:.1f} | {fast / slow:.2f}x "
+            f"| {cpu:.2f} / {cpu_lever:.2f} | {cpu_lever / cpu:.2f}x "
+            f"| {base.heldout_loss:.4f} / {variant.heldout_loss:.4f} "
+            f"| {base.train_peak_rss_mb:.0f} / {variant.train_peak_rss_mb:.0f} "
+            f"| {padding(base):.1%} / {padding(variant):.1%} |",
+            flush=True,
+        )
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+
+
+def padding(result: ArmResult) -> float:
+    return 1 - result.real_tokens / result.padded_tokens
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}"
+    )
+
+
+def build_random_llama(folder: Path, tokenizer_from: str) -> str:
+    """A ~1.1B-parameter Llama (Llama-3.2-1B's shape, SmolLM2's tokenizer) with random weights:
+    throughput and memory need the shapes, not the knowledge, and nothing is downloaded."""
+    if (folder / "config.json").is_file():
+        return str(folder)
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", type=int, default=64, help="training examples (1 epoch)")
+    parser.add_argument("--heldout", type=int, default=30, help="held-out examples")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per arm")
+    parser.add_argument("--levers", nargs="*", help="measure lorakit's levers (optionally some)")
+    parser.add_argument("--profile", action="store_true", help="profile 2 steps of each arm")
+    parser.add_argument("--data", type=Path, default=DATA, help="folder with alpaca train.jsonl")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="alias or folder")
+    parser.add_argument("--build-model", type=Path, help="build a random ~1B Llama here, use it")
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=2)
+    parser.add_argument("--max-seq-len", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per arm (0: default)")
+    args = parser.parse_args()
+
+    import torch
+
+    from lorakit.models import resolve_model
+    from lorakit.peft_setup import choose_compute_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = str(choose_compute_dtype("auto", device)).removeprefix("torch.")
+    model = resolve_model(args.model).location
+    if args.build_model:
+        model = build_random_llama(args.build_model, model)
+    with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as folder:
+        train, heldout, source = prepare_data(Path(folder), args.data, args.examples, args.heldout)
+        spec = Spec(
+            model=model,
+            train_file=train,
+            heldout_file=heldout,
+            compute_dtype=dtype,
+            max_seq_len=args.max_seq_len,
+            micro_batch_size=args.micro_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            threads=args.threads,
+        )
+        if args.profile:
+            for script in ("lorakit_arm.py", "trl_sft.py"):
+                run_arm(script, spec, "--profile")
+        elif args.levers is not None:
+            levers(spec, args.levers)
+        else:
+            compare(spec, args.rounds, source)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The dropout-free LoRA fast path: same numbers as PEFT's forward, used only where it applies."""
+
+import pytest
+import torch
+
+import lorakit.fast_lora as fast_lora
+from lorakit.data import collate, prepare_data
+from lorakit.loss import TokenNLL
+from lorakit.models import load_tokenizer
+from lorakit.peft_setup import build_trainable_model
+from lorakit.recipe import load_recipe
+
+FP32 = {"bnb_4bit_compute_dtype": "float32"}
+
+
+def plain_peft(model: torch.nn.Module) -> None:
+    """Put PEFT's own forward back on every routed layer (the reference)."""
+    for module in model.modules():
+        if hasattr(module, fast_lora._PLAIN_FORWARD):
+            module.forward = getattr(module, fast_lora._PLAIN_FORWARD)
+
+
+def loss_and_gradients(recipe, fast: bool):
+    tokenizer = load_tokenizer(recipe.model.name_or_path)
+    data = prepare_data(recipe, tokenizer)
+    torch.manual_seed(0)
+    model, _ = build_trainable_model(recipe, recipe.model.name_or_path, torch.device("cpu"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; give A a gradient too
+            torch.nn.init.normal_(param, std=0.05)
+    if not fast:
+        plain_peft(model)
+    batch = collate(data.train[:4], tokenizer.pad_token_id)
+    nll, tokens = TokenNLL(model)(**batch)
+    (nll / tokens).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return (nll / tokens).item(), grads
+
+
+@pytest.mark.parametrize("load_in_4bit", [True, False])
+def test_fused_layers_match_peft_loss_and_gradients(tiny_model, write_recipe, load_in_4bit):
+    quant = {**FP32, "load_in_4bit": load_in_4bit}
+    recipe = load_recipe(write_recipe(tiny_model("llama"), quant=quant))
+    fast_loss, fast_grads = loss_and_gradients(recipe, fast=True)
+    peft_loss, peft_grads = loss_and_gradients(recipe, fast=False)
+    assert fast_loss == pytest.approx(peft_loss, abs=1e-6)
+    assert fast_grads.keys() == peft_grads.keys() and len(fast_grads) == 2 * 2 * 7
+    for name, grad in fast_grads.items():
+        assert torch.allclose(grad, peft_grads[name], atol=1e-6, rtol=1e-4), name
+
+
+def count_fused_calls(monkeypatch) -> list[int]:
+    calls = [0]
+    apply = fast_lora.LoraLinearFunction.apply
+
+    def counting(*args):
+        calls[0] += 1
+        return apply(*args)
+
+    monkeypatch.setattr(fast_lora.LoraLinearFunction, "apply", counting)
+    return calls
+
+
+@pytest.mark.parametrize(("dropout", "expected_calls"), [(0.0, 14), (0.1, 0)])
+def test_only_dropout_free_layers_take_the_fast_path(
+    tiny_model, write_recipe, monkeypatch, dropout, expected_calls
+):
+    recipe = load_recipe(
+        write_recipe(tiny_model("llama"), quant=FP32, lora={"lora_dropout": dropout})
+    )
+    model, _ = build_trainable_model(recipe, recipe.model.name_or_path, torch.device("cpu"))
+    calls = count_fused_calls(monkeypatch)
+    model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert calls[0] == expected_calls  # 2 layers x 7 linear modules
+    with model.disable_adapter():
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert calls[0] == expected_calls  # a disabled adapter runs PEFT's path
+
+
+def test_gpt2_conv1d_layers_keep_peft_forward(tiny_model, write_recipe):
+    recipe = load_recipe(
+        write_recipe(tiny_model("gpt2"), data_kind="alpaca", quant={"load_in_4bit": False})
+    )
+    model, _ = build_trainable_model(recipe, recipe.model.name_or_path, torch.device("cpu"))
+    routed = [m for m in model.modules() if hasattr(m, fast_lora._PLAIN_FORWARD)]
+    assert routed == []  # Conv1D stores its weight transposed (fan_in_fan_out)
+
+
+def test_small_bf16_update_is_not_rounded_away():
+    # Early in training s·B·A·x is ~1e-4 of the base output: far below bf16's resolution.
+    # The fused layer sums it in the input's dtype, so it survives.
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    x = torch.randn(8, 64)
+    a = torch.randn(4, 64) * 0.1
+    b = torch.randn(32, 4) * 1e-4
+    y = fast_lora.LoraLinearFunction.apply(x, a, b, base, 2.0, torch.bfloat16)
+    base_out = x.to(torch.bfloat16) @ base.weight.t()
+    update = (x.to(torch.bfloat16) @ a.to(torch.bfloat16).t()) @ b.to(torch.bfloat16).t() * 2
+    assert y.dtype == torch.float32
+    got = y - base_out.float()
+    assert torch.allclose(got, update.float(), rtol=2e-2, atol=1e-7)
+    assert got.abs().max() > 0
