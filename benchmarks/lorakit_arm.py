@@ -158,9 +158,9 @@ def main(spec: Spec, levers: list[str]) -> None:
     counts = {"real": 0, "padded": 0}
     collate = batching.collate
 
-    def counting_collate(examples, pad_token_id):
-        batch = collate(examples, pad_token_id)
-        counts["real"] += int(batch["attention_mask"].sum())
+    def counting_collate(examples, *args):
+        batch = collate(examples, *args)
+        counts["real"] += sum(len(e.input_ids) for e in examples)
         counts["padded"] += batch["input_ids"].numel()
         return batch
 
