@@ -409,7 +409,9 @@ def quantize_command(
         bool,
         typer.Option(help="gguf: run the file in llama.cpp and compare greedy tokens."),
     ] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", "--force", help="Replace --out.")
+    ] = False,
 ) -> None:
     """Quantize a model to 4 bits (NF4/FP4, measured) or export it to GGUF for llama.cpp."""
     from lorakit import quantize
@@ -502,7 +504,9 @@ def merge_command(
     max_shard_size: Annotated[
         str, typer.Option("--max-shard-size", help="Split safetensors above this size.")
     ] = "5GB",
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", "--overwrite", help="Replace a non-empty --out.")
+    ] = False,
 ) -> None:
     """Merge adapters into the base model and write a model that loads anywhere."""
     from lorakit.merge import MergeOptions, merge, parse_weights

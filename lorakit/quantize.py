@@ -21,7 +21,6 @@ import math
 import os
 import struct
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from accelerate import Accelerator
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-import lorakit
 from lorakit.checkpoint import PROVENANCE_FILE, atomic_dir, write_json
 from lorakit.data import make_loader
 from lorakit.data.formats import render_prompt
@@ -38,7 +36,13 @@ from lorakit.data.pipeline import Example, load_rows, tokenize_rows
 from lorakit.errors import LorakitError
 from lorakit.evaluate import evaluate_loss
 from lorakit.loss import TokenNLL
-from lorakit.models import ResolvedModel, load_config, load_tokenizer, resolve_model
+from lorakit.models import (
+    ResolvedModel,
+    load_config,
+    load_tokenizer,
+    provenance_header,
+    resolve_model,
+)
 from lorakit.peft_setup import (
     build_4bit_config,
     choose_compute_dtype,
@@ -410,16 +414,7 @@ def quantize_model(
 
 
 def _provenance(resolved: ResolvedModel, quantization: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "lorakit_version": lorakit.__version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "base_model": {
-            "reference": resolved.reference,
-            "kind": resolved.kind,
-            "location": resolved.location,
-        },
-        "quantization": quantization,
-    }
+    return {**provenance_header(resolved), "quantization": quantization}
 
 
 # ---------------------------------------------------------------------------------------------

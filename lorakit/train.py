@@ -15,8 +15,6 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,6 @@ from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-import lorakit
 from lorakit.advice import data_advice, recipe_advice
 from lorakit.checkpoint import (
     CHECKPOINTS_DIR,
@@ -62,7 +59,7 @@ from lorakit.data.pipeline import PreparedData
 from lorakit.errors import LorakitError
 from lorakit.evaluate import evaluate_loss, generate
 from lorakit.loss import TokenNLL, causal_lm_of
-from lorakit.models import ResolvedModel, load_tokenizer, resolve_model
+from lorakit.models import ResolvedModel, load_tokenizer, provenance_header, resolve_model
 from lorakit.peft_setup import ModelSummary, build_trainable_model
 from lorakit.recipe import EarlyStopping, Recipe, TrainSection
 from lorakit.tracking import (
@@ -219,19 +216,9 @@ def provenance(
     """What an adapter needs to be reproduced or merged without the training YAML.
     `data_hashes`: the data files' sha256, when already computed."""
     return {
-        "lorakit_version": lorakit.__version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "base_model": {
-            "reference": model.reference,
-            "kind": model.kind,
-            "location": model.location,
-        },
+        **provenance_header(model),
         "tokenizer": tokenizer_name,
         "data": data_hashes if data_hashes is not None else data_fingerprint(recipe),
-        "libraries": {
-            name: version(name)
-            for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
-        },
         **extra,
     }
 
