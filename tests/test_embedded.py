@@ -64,3 +64,24 @@ def test_quickstart_recipe_trains_the_embedded_model(tmp_path, monkeypatch):
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     assert len(evals) == 2 and evals[1] < evals[0]
     assert "smollm2-135m-instruct (alias)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    ["instruct-alpaca", "domain-astronomy", "multilingual-vietnamese", "style-formal"],
+)
+def test_use_case_recipes_train_the_embedded_model(recipe, tmp_path, monkeypatch):
+    """Each shipped use-case recipe runs as written for a few steps and lowers its eval loss
+    (the full runs and their numbers are in the README)."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / recipe
+    overrides = ["train.max_steps=3", "train.eval_steps=3", "eval.sample_prompts=[]"]
+    args = ["train", f"configs/use-cases/{recipe}.yaml", "--set", f"output.dir={out}"]
+    for override in overrides:
+        args += ["--set", override]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]
