@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -151,31 +152,36 @@ def fact_rows(kind: str = "chat") -> list[dict]:
     return [{"instruction": q, "input": "", "output": a} for q, a in FACTS]
 
 
+def recipe_file(
+    folder: Path, model_dir: Path, name: str = "recipe", data_kind: str = "chat", **sections
+) -> Path:
+    """Write `folder/<name>.yaml`: a short recipe for a tiny model on the facts data, each
+    section updated by `sections` (e.g. `train={"max_steps": 6}`)."""
+    import yaml
+
+    data_file = write_jsonl(folder / f"{name}-data.jsonl", fact_rows(data_kind))
+    recipe = {
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+        "data": {"train": str(data_file), "validation": str(data_file), "max_seq_len": 64},
+        "train": {
+            "max_steps": 4,
+            "micro_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-2,
+            "warmup_steps": 0,
+            "optimizer": "adamw_torch",
+        },
+        "output": {"dir": str(folder / "runs" / name)},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def write_recipe(tmp_path: Path) -> Callable[..., Path]:
     """Write a recipe YAML for a tiny model: `write_recipe(model_dir, **section_overrides)`."""
-    import yaml
-
-    def make(model_dir: Path, name: str = "recipe", data_kind: str = "chat", **sections) -> Path:
-        data_file = write_jsonl(tmp_path / f"{name}-data.jsonl", fact_rows(data_kind))
-        recipe = {
-            "model": {"name_or_path": str(model_dir)},
-            "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
-            "data": {"train": str(data_file), "validation": str(data_file), "max_seq_len": 64},
-            "train": {
-                "max_steps": 4,
-                "micro_batch_size": 4,
-                "gradient_accumulation_steps": 1,
-                "learning_rate": 1e-2,
-                "warmup_steps": 0,
-                "optimizer": "adamw_torch",
-            },
-            "output": {"dir": str(tmp_path / "runs" / name)},
-        }
-        for section, values in sections.items():
-            recipe.setdefault(section, {}).update(values)
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-        return path
-
-    return make
+    return functools.partial(recipe_file, tmp_path)

@@ -20,7 +20,7 @@ from lorakit.models import load_tokenizer, resolve_model
 from lorakit.peft_setup import build_trainable_model, keep_4bit_layers_differentiable
 from lorakit.recipe import load_recipe
 from lorakit.train import provenance, train
-from tests.conftest import build_config, build_tokenizer, fact_rows, write_jsonl
+from tests.conftest import build_config, build_tokenizer, recipe_file
 from tests.test_cli import assert_one_error_line
 
 FP32 = {"bnb_4bit_compute_dtype": "float32"}
@@ -28,27 +28,9 @@ IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 8, 120, 64]])
 
 
 def write_recipe_file(folder: Path, model_dir: Path, name: str, **sections) -> Path:
-    data = write_jsonl(folder / "facts.jsonl", fact_rows())
-    recipe = {
-        "model": {"name_or_path": str(model_dir)},
-        "quant": dict(FP32),
-        "lora": {"r": 8, "lora_alpha": 16},
-        "data": {"train": str(data), "validation": str(data), "max_seq_len": 64},
-        "train": {
-            "max_steps": 6,
-            "micro_batch_size": 4,
-            "gradient_accumulation_steps": 1,
-            "learning_rate": 2e-2,
-            "warmup_steps": 0,
-            "optimizer": "adamw_torch",
-        },
-        "output": {"dir": str(folder / "runs" / name)},
-    }
-    for section, values in sections.items():
-        recipe.setdefault(section, {}).update(values)
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    return path
+    """conftest's short recipe with fp32 compute, 6 steps and a higher learning rate."""
+    train = {"max_steps": 6, "learning_rate": 2e-2}
+    return recipe_file(folder, model_dir, name, quant=FP32, train=train, **sections)
 
 
 def random_adapter(folder: Path, model_dir: Path, name: str, seed: int, **lora) -> Path:
