@@ -97,11 +97,16 @@ def _file_in_package(package: str, filename: str, alias: str) -> Path:
 
 
 def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
+    """sha256 of a file's bytes, as hex."""
+    return hash_file_into(hashlib.sha256(), path).hexdigest()
+
+
+def hash_file_into(digest: Any, path: Path) -> Any:
+    """Feed a file's bytes to `digest` in 1 MiB blocks; return the digest."""
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
 
 
 def convert_gguf(gguf: Path) -> Path:

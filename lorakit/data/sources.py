@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
-from lorakit.models import looks_like_hub_id
+from lorakit.models import hash_file_into, looks_like_hub_id
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt")
 _SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -55,22 +55,16 @@ def source_fingerprint(path: str, split: str = "train", name: str | None = None)
     source = Path(path).expanduser()
     digest = hashlib.sha256()
     if source.is_file():
-        _hash_file(digest, source)
+        hash_file_into(digest, source)
     elif source.is_dir():
         for file in sorted(p for p in source.rglob("*") if p.is_file()):
             digest.update(str(file.relative_to(source)).encode() + b"\0")
-            _hash_file(digest, file)
+            hash_file_into(digest, file)
     elif looks_like_hub_dataset(path):
         digest.update(_load_hub(path, split, name)._fingerprint.encode())
     else:
         raise LorakitError(f"{path}: dataset file not found")
     return digest.hexdigest()
-
-
-def _hash_file(digest: Any, file: Path) -> None:
-    with file.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
 
 
 def _read_file(file: Path, path: str) -> list[Row]:
