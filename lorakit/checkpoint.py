@@ -47,6 +47,9 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_DIR = "adapter"
+"""Where a run folder keeps its final adapter."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 # Recipe keys that only say what to record, not what to train: changing them between a run and
@@ -117,6 +120,15 @@ def _umask() -> int:
 
 def write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def adapter_folder_in(path: Path) -> Path | None:
+    """The adapter folder `path` names: itself (an adapter or checkpoint folder) or a run
+    folder's `adapter/`; None when it is neither."""
+    for folder in (path, path / ADAPTER_DIR):
+        if (folder / ADAPTER_CONFIG).is_file():
+            return folder
+    return None
 
 
 def read_json(path: Path) -> Any:

@@ -33,7 +33,15 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from lorakit.checkpoint import PROVENANCE_FILE, RECIPE_FILE, atomic_dir, write_json
+from lorakit.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PROVENANCE_FILE,
+    RECIPE_FILE,
+    adapter_folder_in,
+    atomic_dir,
+    write_json,
+)
 from lorakit.data.formats import render_prompt
 from lorakit.errors import LorakitError
 from lorakit.evaluate import stop_token_ids
@@ -48,8 +56,6 @@ from lorakit.models import (
 from lorakit.peft_setup import keep_4bit_layers_differentiable, load_base_model
 from lorakit.recipe import Recipe, load_recipe
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METHODS = ("linear", "cat", "svd", "ties", "dare_ties", "dare_linear", "magnitude_prune")
 # These combine the A and B factors entry by entry, which only lines up when every adapter has
 # the same rank on the same modules.
@@ -163,11 +169,11 @@ class MergeResult:
 
 def find_adapter_folder(path: Path) -> Path:
     """A run folder holds its adapter in `adapter/`; an adapter folder is used as it is."""
-    for folder in (path, path / "adapter"):
-        if (folder / ADAPTER_CONFIG).is_file():
-            if not (folder / ADAPTER_WEIGHTS).is_file():
-                raise LorakitError(f"{folder}: {ADAPTER_WEIGHTS} is missing")
-            return folder
+    folder = adapter_folder_in(path)
+    if folder is not None:
+        if not (folder / ADAPTER_WEIGHTS).is_file():
+            raise LorakitError(f"{folder}: {ADAPTER_WEIGHTS} is missing")
+        return folder
     if not path.exists():
         raise LorakitError(f"{path}: no such run or adapter folder")
     raise LorakitError(

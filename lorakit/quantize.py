@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from lorakit.checkpoint import PROVENANCE_FILE, atomic_dir, write_json
+from lorakit.checkpoint import ADAPTER_CONFIG, ADAPTER_DIR, PROVENANCE_FILE, atomic_dir, write_json
 from lorakit.data import make_loader
 from lorakit.data.formats import render_prompt
 from lorakit.data.pipeline import Example, load_rows, tokenize_rows
@@ -53,7 +53,6 @@ from lorakit.recipe import DatasetSpec
 
 METHODS = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def paper_bits_per_parameter(double_quant: bool, blocksize: int) -> float:
@@ -87,12 +86,12 @@ def resolve_source(reference: str) -> ResolvedModel:
 
 def _refuse_adapter(path: Path, reference: str) -> None:
     if (path / ADAPTER_CONFIG).is_file():
-        merged = path.parent / "merged" if path.name == "adapter" else Path(f"{path}-merged")
+        merged = path.parent / "merged" if path.name == ADAPTER_DIR else Path(f"{path}-merged")
         raise LorakitError(
             f"{reference} is a LoRA adapter, not a model: merge it into its base first with "
             f"`lorakit merge {reference} --out {merged}`, then quantize {merged}"
         )
-    if (path / "adapter" / ADAPTER_CONFIG).is_file():
+    if (path / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
         merged = path / "merged"
         raise LorakitError(
             f"{reference} is a training run (its adapter is not a model): merge it into its base "

@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from lorakit.checkpoint import PROVENANCE_FILE, RECIPE_FILE
+from lorakit.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_DIR,
+    PROVENANCE_FILE,
+    RECIPE_FILE,
+    adapter_folder_in,
+)
 from lorakit.errors import LorakitError
 from lorakit.models import load_tokenizer, resolve_model
 from lorakit.peft_setup import (
@@ -31,9 +37,6 @@ from lorakit.peft_setup import (
     keep_4bit_layers_differentiable,
 )
 from lorakit.recipe import DataSection, QuantSection, Recipe, load_recipe
-
-ADAPTER_CONFIG = "adapter_config.json"
-RUN_ADAPTER_DIR = "adapter"
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class Target:
 
     def label(self) -> str:
         path = Path(self.reference)
-        if self.kind == "adapter" and path.name == RUN_ADAPTER_DIR:
+        if self.kind == "adapter" and path.name == ADAPTER_DIR:
             path = path.parent
         return path.name or self.reference
 
@@ -76,10 +79,9 @@ def resolve_target(reference: str) -> Target:
     model nor an adapter."""
     path = Path(reference).expanduser()
     if path.is_dir():
-        if (path / ADAPTER_CONFIG).is_file():
-            return _adapter_target(reference, path)
-        if (path / RUN_ADAPTER_DIR / ADAPTER_CONFIG).is_file():
-            return _adapter_target(reference, path / RUN_ADAPTER_DIR)
+        adapter_dir = adapter_folder_in(path)
+        if adapter_dir is not None:
+            return _adapter_target(reference, adapter_dir)
         if (path / "config.json").is_file():
             kind = "merged" if (path / PROVENANCE_FILE).is_file() else "model"
             return Target(reference, kind, str(path.resolve()))

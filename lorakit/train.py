@@ -31,6 +31,7 @@ from transformers import get_scheduler
 
 from lorakit.advice import data_advice, recipe_advice
 from lorakit.checkpoint import (
+    ADAPTER_DIR,
     CHECKPOINTS_DIR,
     PROVENANCE_FILE,
     RECIPE_FILE,
@@ -71,7 +72,6 @@ from lorakit.tracking import (
     truncate_metrics,
 )
 
-ADAPTER_DIR = "adapter"
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
