@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from lorakit.data.cache import tokenizer_fingerprint
+from lorakit.data.pipeline import PreparedData
 from lorakit.data.sources import source_fingerprint
 from lorakit.errors import LorakitError
 from lorakit.recipe import Recipe
@@ -215,13 +215,15 @@ def data_fingerprint(recipe: Recipe) -> dict[str, str]:
     return {spec.path: source_fingerprint(spec.path, spec.split, spec.name) for spec in specs}
 
 
-def fingerprints(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+def fingerprints(recipe: Recipe, data: PreparedData) -> dict[str, Any]:
+    """What a resume must find unchanged: the recipe, and the data and tokenizer digests that
+    `prepare_data` computed."""
     recipe_hash, recipe_keys = recipe_fingerprint(recipe)
     return {
         "recipe": recipe_hash,
         "recipe_keys": recipe_keys,
-        "data": data_fingerprint(recipe),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "data": data.source_fingerprints,
+        "tokenizer": data.tokenizer_fingerprint,
     }
 
 

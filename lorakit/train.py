@@ -264,7 +264,7 @@ def train(
     resolved = resolve_model(recipe.model.name_or_path)
     tokenizer = load_tokenizer(resolved.location, recipe.model.trust_remote_code)
     data = prepare_data(recipe, tokenizer)
-    run_fingerprints = fingerprints(recipe, tokenizer)
+    run_fingerprints = fingerprints(recipe, data)
     if checkpoint is not None:
         _check_resumable(checkpoint, run_fingerprints, accelerator.num_processes, force, say)
     sharded = accelerator.distributed_type == DistributedType.FSDP

@@ -603,9 +603,13 @@ def test_pad_equal_to_eos_is_explained_and_masked_eos_labels_warned(tmp_path, ti
     spec = DatasetSpec(path=str(data))
     from lorakit.data.cache import tokenizer_fingerprint
     from lorakit.data.pipeline import data_warnings, dataset_examples
+    from lorakit.data.sources import source_fingerprint
     from lorakit.recipe import DataSection
 
-    _, stats = dataset_examples(spec, DataSection(train=[spec]), gpt2, tokenizer_fingerprint(gpt2))
+    digest = source_fingerprint(spec.path)
+    _, stats = dataset_examples(
+        spec, DataSection(train=[spec]), gpt2, tokenizer_fingerprint(gpt2), digest
+    )
     assert stats.masked_eos_rows == 1
     split = SplitStats(datasets=[stats])
     assert data_warnings(gpt2, split) == [

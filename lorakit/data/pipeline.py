@@ -87,6 +87,10 @@ class PreparedData:
     stats: dict[str, SplitStats] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     """Things about the data a user should know before training on it."""
+    source_fingerprints: dict[str, str] = field(default_factory=dict)
+    """Content digest of each dataset file the recipe names (by path)."""
+    tokenizer_fingerprint: str = ""
+    """Digest of what decides the token ids (vocabulary, special tokens, chat template)."""
 
 
 @dataclass
@@ -286,10 +290,12 @@ def dataset_examples(
     data: DataSection,
     tokenizer: PreTrainedTokenizerBase,
     tokenizer_fingerprint: str,
+    source_digest: str,
 ) -> tuple[list[Example], DatasetStats]:
-    """One dataset entry, tokenized: from the cache when nothing it depends on has changed."""
+    """One dataset entry, tokenized: from the cache when nothing it depends on has changed.
+    `source_digest`: the entry's `source_fingerprint`."""
     key = cache.entry_key(
-        source=source_fingerprint(spec.path, spec.split, spec.name),
+        source=source_digest,
         spec=spec.model_dump(mode="json", exclude={"weight"}),
         max_seq_len=data.max_seq_len,
         train_on=data.train_on,
@@ -325,10 +331,20 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepared
     if data.chat_template:
         tokenizer.chat_template = load_chat_template(data.chat_template)
     fingerprint = cache.tokenizer_fingerprint(tokenizer)
-    train_sets = [dataset_examples(s, data, tokenizer, fingerprint) for s in data.train]
+    specs = data.train + (data.validation or [])
+    # Each source is hashed once: for its cache key here and for the run's resume check.
+    digests = {
+        (s.path, s.split, s.name): source_fingerprint(s.path, s.split, s.name) for s in specs
+    }
+
+    def tokenized(spec: DatasetSpec) -> tuple[list[Example], DatasetStats]:
+        digest = digests[(spec.path, spec.split, spec.name)]
+        return dataset_examples(spec, data, tokenizer, fingerprint, digest)
+
+    train_sets = [tokenized(s) for s in data.train]
     for (_, stats), spec in zip(train_sets, data.train, strict=True):
         stats.weight = spec.weight
-    val_sets = [dataset_examples(s, data, tokenizer, fingerprint) for s in data.validation or []]
+    val_sets = [tokenized(s) for s in data.validation or []]
     rng = random.Random(recipe.train.seed)
     if data.val_split:
         train_sets, held_out = _hold_out(train_sets, data.val_split, rng)
@@ -348,7 +364,12 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepared
         validation = _pack(validation, data.max_seq_len, val_stats)
     warnings = data_warnings(tokenizer, train_stats, val_stats)
     return PreparedData(
-        train, validation, {"train": train_stats, "validation": val_stats}, warnings
+        train,
+        validation,
+        {"train": train_stats, "validation": val_stats},
+        warnings,
+        source_fingerprints={s.path: digests[(s.path, s.split, s.name)] for s in specs},
+        tokenizer_fingerprint=fingerprint,
     )
 
 
