@@ -393,6 +393,7 @@ def train(
                 state.trained_tokens += step_tokens
                 session_tokens += step_tokens
                 elapsed = time.perf_counter() - loop_started
+                tps = session_tokens / elapsed
                 if step % tcfg.logging_steps == 0 or step == total_steps:
                     metrics.write(
                         {
@@ -402,11 +403,10 @@ def train(
                             "lr": lr,
                             "grad_norm": grad_norm,
                             "trained_tokens": step_tokens,
-                            "trained_tokens_per_s": session_tokens / elapsed,
+                            "trained_tokens_per_s": tps,
                             "elapsed_s": round(state.train_seconds + elapsed, 3),
                         }
                     )
-                tps = session_tokens / elapsed
                 progress.update(task, completed=step, loss=loss, lr=lr, tps=tps)
                 if plain_log and step % tcfg.logging_steps == 0:
                     say(
