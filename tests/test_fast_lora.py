@@ -49,6 +49,23 @@ def test_fused_layers_match_peft_loss_and_gradients(tiny_model, write_recipe, lo
         assert torch.allclose(grad, peft_grads[name], atol=1e-6, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("load_in_4bit", [True, False])
+def test_gradient_checkpointing_keeps_loss_and_gradients(tiny_model, write_recipe, load_in_4bit):
+    """Re-entrant checkpointing drops autograd from the first forward: every LoRA weight must
+    still get the gradient it gets without checkpointing (none may silently stay None)."""
+    quant = {**FP32, "load_in_4bit": load_in_4bit}
+    model_dir = tiny_model("llama")
+    on = load_recipe(write_recipe(model_dir, quant=quant, train={"gradient_checkpointing": True}))
+    off = load_recipe(write_recipe(model_dir, quant=quant, train={"gradient_checkpointing": False}))
+    on_loss, on_grads = loss_and_gradients(on, fast=True)
+    off_loss, off_grads = loss_and_gradients(off, fast=True)
+    assert on_loss == pytest.approx(off_loss, abs=1e-6)
+    assert on_grads.keys() == off_grads.keys() and len(on_grads) == 2 * 2 * 7
+    for name, grad in on_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(grad, off_grads[name], atol=1e-6, rtol=1e-4), name
+
+
 def count_fused_calls(monkeypatch) -> list[int]:
     calls = [0]
     apply = fast_lora.LoraLinearFunction.apply
