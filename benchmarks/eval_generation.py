@@ -31,11 +31,11 @@ from lorakit.cli import quiet_libraries  # noqa: E402
 
 quiet_libraries()  # before bitsandbytes is imported: it warns about optional kernels on import
 
+from lorakit.data.batching import shared_prefix_length  # noqa: E402
 from lorakit.evaluate import (  # noqa: E402
     greedy_continuations,
     load_eval_rows,
     prompt_token_ids,
-    shared_prefix_length,
 )
 from lorakit.targets import load_target, resolve_target  # noqa: E402
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from lorakit.data.batching import make_loader
+from lorakit.data.batching import MIN_SHARED_PREFIX, make_loader, shared_prefix_length
 from lorakit.data.formats import render_prompt, render_segments
 from lorakit.data.pipeline import load_rows, tokenize_rows
 from lorakit.data.sources import Row
@@ -49,8 +49,6 @@ PROMPT_FORMATS = ("chat", "alpaca")
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|eot|>")
 # Cache layers whose rows can be dropped mid-generation (plain and sliding-window attention).
 _ROW_SELECTABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
-MIN_SHARED_PREFIX = 4
-"""Shorter common prefixes are not worth a separate forward pass."""
 REPORT_FILE = "report.json"
 GENERATIONS_FILE = "generations.jsonl"
 
@@ -145,15 +143,6 @@ def _left_pad(
         input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
         attention_mask[row, width - len(prompt) :] = 1
     return input_ids.to(device), attention_mask.to(device)
-
-
-def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
-    """Tokens every prompt starts with, leaving each prompt at least one token of its own."""
-    limit = min(len(p) for p in prompts) - 1
-    length = 0
-    while length < limit and all(p[length] == prompts[0][length] for p in prompts):
-        length += 1
-    return length
 
 
 def _greedy_batch(

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from lorakit.data import IGNORE_INDEX
+from lorakit.shared_prefix import backbone_forward
 
 CHUNK_BYTES = 64 * 2**20
 """fp32 logits per chunk: ~340 positions for a 49k vocab, ~128 for a 128k one."""
@@ -42,20 +43,20 @@ class TokenNLL(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         causal_lm = causal_lm_of(self.model)
-        backbone = getattr(causal_lm, causal_lm.base_model_prefix)
         head = causal_lm.get_output_embeddings()
-        # No KV cache: with one, transformers ignores packed position_ids and masks causally only.
-        hidden = backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        ).last_hidden_state
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "segments": segments,
+        }
+        hidden = backbone_forward(causal_lm, batch)
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         hidden = hidden[:, :-1][keep]

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 from lorakit.errors import LorakitError
 from lorakit.fast_lora import enable_fast_lora
 from lorakit.recipe import LoraSection, QuantSection, Recipe
+from lorakit.shared_prefix import enable_shared_prefix
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ATTENTION_WORDS = ("attn", "attention")
@@ -200,6 +201,8 @@ class ModelSummary:
     compute_dtype: str
     target_modules: list[str]
     layers: str
+    shared_prefix: str = "off"
+    """`on`, or `off` with the reason (`lorakit.shared_prefix`)."""
 
     @property
     def trainable_percent(self) -> float:
@@ -218,6 +221,7 @@ class ModelSummary:
             ("compute dtype", self.compute_dtype),
             ("target modules", ", ".join(self.target_modules)),
             ("layers", self.layers),
+            ("shared prompt prefix", self.shared_prefix),
         ]
 
 
@@ -266,6 +270,13 @@ def build_trainable_model(
         keep_frozen_embeddings_in(peft_model.get_base_model(), dtype)
     enable_fast_lora(peft_model, dtype)
     trainable, total = peft_model.get_nb_trainable_parameters()
+    if not recipe.data.shared_prefix:
+        shared_prefix = "off"
+    elif recipe.data.packing or sharded:
+        shared_prefix = "off (packing)" if recipe.data.packing else "off (FSDP)"
+    else:
+        problem = enable_shared_prefix(peft_model.get_base_model(), recipe.data.max_seq_len)
+        shared_prefix = f"off ({problem})" if problem else "on"
     layers = recipe.lora.layers_to_transform
     summary = ModelSummary(
         base_parameters=total - trainable,
@@ -274,5 +285,6 @@ def build_trainable_model(
         compute_dtype=str(dtype).removeprefix("torch."),
         target_modules=targets,
         layers="all" if layers is None else ", ".join(map(str, layers)),
+        shared_prefix=shared_prefix,
     )
     return peft_model, summary

@@ -298,9 +298,16 @@ def train(
         flatten=flat,
         group_by_length=recipe.data.group_by_length,
         processes=accelerator.num_processes,
+        share_prefix=summary.shared_prefix == "on",
     )
     val_loader = make_loader(
-        data.validation, tcfg.micro_batch_size, pad_id, tcfg.seed, shuffle=False, flatten=flat
+        data.validation,
+        tcfg.micro_batch_size,
+        pad_id,
+        tcfg.seed,
+        shuffle=False,
+        flatten=flat,
+        share_prefix=summary.shared_prefix == "on",
     )
     sampler = train_loader.sampler
     loss_module = TokenNLL(model)

@@ -15,14 +15,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from typer.testing import CliRunner
 
 from lorakit.cli import app
+from lorakit.data.batching import MIN_SHARED_PREFIX, shared_prefix_length
 from lorakit.evaluate import (
-    MIN_SHARED_PREFIX,
     EvalOptions,
     greedy_continuations,
     load_eval_rows,
     prompt_token_ids,
     run_eval,
-    shared_prefix_length,
     stop_token_ids,
 )
 from lorakit.metrics import (

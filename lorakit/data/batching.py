@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -57,14 +57,18 @@ class LengthGroupedShuffle(EpochShuffle):
 
 
 def collate(
-    examples: list[Example], pad_token_id: int, flatten: bool = False
+    examples: list[Example], pad_token_id: int, flatten: bool = False, share_prefix: bool = False
 ) -> dict[str, torch.Tensor | None]:
     """Right-padded tensors. Packed rows (with `position_ids`) get `attention_mask=None`: the
     restarting positions tell transformers where each example begins (a padding mask would
     hide them). `flatten` joins the rows into one, the layout flash-attention's varlen path
-    reads."""
+    reads. `share_prefix`: examples that start with the same untrained tokens become one row
+    holding those tokens once (`lorakit.shared_prefix`)."""
     if examples[0].position_ids is not None:
         return _collate_packed(examples, pad_token_id, flatten)
+    prefix = trainable_shared_prefix(examples) if share_prefix else 0
+    if prefix:
+        return collate_shared(examples, prefix)
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -75,6 +79,55 @@ def collate(
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+MIN_SHARED_PREFIX = 4
+"""Shorter common prefixes are not worth a separate prefix pass (generation) or a second
+attention call per layer (training)."""
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, leaving each prompt at least one token of its own."""
+    limit = min(len(p) for p in prompts) - 1
+    length = 0
+    while length < limit and all(p[length] == prompts[0][length] for p in prompts):
+        length += 1
+    return length
+
+
+def trainable_shared_prefix(examples: Sequence[Example]) -> int:
+    """The prefix a batch can share in training: common tokens whose labels, and the label of
+    the first token after them, are all masked (that token is predicted from the prefix in
+    every example, so it may be counted in none); 0 when not worth sharing."""
+    if len(examples) < 2 or any(e.position_ids is not None for e in examples):
+        return 0
+    length = shared_prefix_length([e.input_ids for e in examples])
+    for example in examples:
+        trained = next((i for i, t in enumerate(example.labels) if t != IGNORE_INDEX), None)
+        if trained is not None:
+            length = min(length, trained - 1)
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def collate_shared(examples: Sequence[Example], prefix: int) -> dict[str, torch.Tensor]:
+    """One row: the `prefix` tokens once, then each example's remaining tokens, with positions
+    continuing the prefix's; `segments` holds [prefix, own length of each example]."""
+    input_ids, labels = list(examples[0].input_ids[:prefix]), list(examples[0].labels[:prefix])
+    positions = list(range(prefix))
+    segments = [prefix]
+    for example in examples:
+        own = len(example.input_ids) - prefix
+        input_ids += example.input_ids[prefix:]
+        labels += example.labels[prefix:]
+        positions += range(prefix, prefix + own)
+        segments.append(own)
+    return {
+        "input_ids": torch.tensor([input_ids]),
+        "attention_mask": torch.ones((1, len(input_ids)), dtype=torch.long),
+        "labels": torch.tensor([labels]),
+        "position_ids": torch.tensor([positions]),
+        "segments": torch.tensor(segments),
+    }
 
 
 def _collate_packed(
@@ -116,6 +169,7 @@ def make_loader(
     flatten: bool = False,
     group_by_length: bool = False,
     processes: int = 1,
+    share_prefix: bool = False,
 ) -> DataLoader:
     """`processes`: how many processes split each step's batches between them. Length groups
     are then built for the global batch, so N processes see the examples one process with
@@ -129,7 +183,7 @@ def make_loader(
         examples,
         batch_size=batch_size,
         sampler=sampler,
-        collate_fn=lambda batch: collate(batch, pad_token_id, flatten),
+        collate_fn=lambda batch: collate(batch, pad_token_id, flatten, share_prefix),
         # Each new iterator draws a seed; from its own generator it leaves the global torch RNG
         # (dropout) alone, so a run resumed mid-epoch draws the same masks as an unbroken one.
         generator=torch.Generator().manual_seed(seed),
