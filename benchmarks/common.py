@@ -62,7 +62,7 @@ class ArmResult:
     real_tokens: int
     """Non-padding tokens processed (every token of every example seen)."""
     padded_tokens: int
-    """Tokens including padding, as the batches were built."""
+    """Token positions the model ran: padding included, a shared prompt prefix counted once."""
     steps: int
     loop_seconds: float
     step_seconds: list[float]
@@ -77,6 +77,8 @@ class ArmResult:
     setup_seconds: float
     loop_cpu_seconds: float
     """CPU time of the training loop, all threads."""
+    shared_tokens: int = 0
+    """Prefix tokens not run again because a micro-batch shared them (lorakit.shared_prefix)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -261,6 +263,7 @@ def model_flops(
         "attention": attention,
         "head": head,
         "total": linear + lora + attention + head,
+        "real_tokens": real,
     }
 
 

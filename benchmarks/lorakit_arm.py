@@ -31,7 +31,9 @@ from benchmarks.common import (  # noqa: E402
 )
 
 
-def recipe_dict(spec: Spec, output_dir: str, group_by_length: bool) -> dict:
+def recipe_dict(
+    spec: Spec, output_dir: str, group_by_length: bool = True, shared_prefix: bool = True
+) -> dict:
     return {
         "model": {"name_or_path": spec.model},
         "quant": {
@@ -50,6 +52,7 @@ def recipe_dict(spec: Spec, output_dir: str, group_by_length: bool) -> dict:
             "train": spec.train_file,
             "max_seq_len": spec.max_seq_len,
             "group_by_length": group_by_length,
+            "shared_prefix": shared_prefix,
         },
         "train": {
             "epochs": spec.epochs,
@@ -108,6 +111,12 @@ def checkpointed_head() -> None:
     lorakit.train.TokenNLL = CheckpointedChunks
 
 
+def non_reentrant_checkpointing() -> None:
+    import lorakit.peft_setup
+
+    lorakit.peft_setup.REENTRANT_CHECKPOINTING = False
+
+
 def full_logits() -> None:
     """The transformers default: the model's forward builds [batch, seq, vocab] logits."""
     import torch
@@ -138,6 +147,8 @@ LEVERS = {
     "checkpointed_head": checkpointed_head,
     "full_logits": full_logits,
     "no_group_by_length": None,  # a recipe key
+    "no_shared_prefix": None,  # a recipe key
+    "non_reentrant_checkpointing": non_reentrant_checkpointing,
 }
 
 
@@ -155,17 +166,25 @@ def main(spec: Spec, levers: list[str]) -> None:
     from lorakit.tracking import read_metrics
     from lorakit.train import train
 
-    counts = {"real": 0, "padded": 0}
+    counts = {"real": 0, "padded": 0, "shared": 0}
     collate = batching.collate
 
     def counting_collate(examples, *args):
         batch = collate(examples, *args)
-        counts["real"] += sum(len(e.input_ids) for e in examples)
+        real = sum(len(e.input_ids) for e in examples)
+        counts["real"] += real
         counts["padded"] += batch["input_ids"].numel()
+        if batch.get("segments") is not None:
+            counts["shared"] += real - batch["input_ids"].numel()
         return batch
 
     with tempfile.TemporaryDirectory() as out:
-        raw = recipe_dict(spec, str(Path(out) / "run"), "no_group_by_length" not in levers)
+        raw = recipe_dict(
+            spec,
+            str(Path(out) / "run"),
+            group_by_length="no_group_by_length" not in levers,
+            shared_prefix="no_shared_prefix" not in levers,
+        )
         recipe = Recipe.model_validate(yaml.safe_load(yaml.safe_dump(raw)))
         batching.collate = counting_collate
         clock, rss = StepClock(), RssSampler()
@@ -202,6 +221,7 @@ def main(spec: Spec, levers: list[str]) -> None:
             trained_tokens=result.trained_tokens,
             real_tokens=counts["real"],
             padded_tokens=counts["padded"],
+            shared_tokens=counts["shared"],
             steps=result.steps,
             loop_seconds=clock.total,
             step_seconds=clock.step_seconds,

@@ -37,37 +37,38 @@ class SharedPrefixLayout:
     """Where each example's tokens sit in the shared row, for the attention function."""
 
     prefix: int
-    query_index: torch.Tensor
-    """[B, S]: row positions of each example's own tokens (S: the longest, shorter ones padded)."""
-    key_index: torch.Tensor
-    """[B, prefix + S]: the prefix, then the example's own tokens."""
+    lengths: list[int]
+    """Each example's own tokens (after the prefix), in row order."""
     mask: torch.Tensor
-    """[B, 1, S, prefix + S]: True where a query may attend."""
-    real: torch.Tensor
-    """[B * S]: which padded query slots hold a real token, in row order."""
+    """[B, 1, S, prefix + S] (S: the longest example): True where a query may attend."""
     calls: int = 0
 
     @classmethod
     def from_segments(cls, segments: torch.Tensor, device: torch.device) -> SharedPrefixLayout:
-        prefix, *own = (int(s) for s in segments.tolist())
-        width = max(own)
-        starts = torch.tensor([prefix + sum(own[:i]) for i in range(len(own))])
-        lengths = torch.tensor(own)
-        slot = torch.arange(width)
-        real = slot[None, :] < lengths[:, None]  # [B, S]
-        # Padding slots point at the example's last token; their outputs are dropped.
-        query_index = starts[:, None] + torch.minimum(slot[None, :], lengths[:, None] - 1)
-        key_index = torch.cat([torch.arange(prefix).expand(len(own), -1), query_index], 1)
-        causal = slot[None, :, None] >= slot[None, None, :]  # [1, S, S]
-        own_keys = causal & real[:, None, :]
-        mask = torch.cat([torch.ones(len(own), width, prefix, dtype=torch.bool), own_keys], 2)
-        return cls(
-            prefix=prefix,
-            query_index=query_index.to(device),
-            key_index=key_index.to(device),
-            mask=mask[:, None].to(device),
-            real=real.flatten().nonzero().squeeze(1).to(device),
-        )
+        prefix, *lengths = (int(s) for s in segments.tolist())
+        slot = torch.arange(max(lengths))
+        real = slot[None, :] < torch.tensor(lengths)[:, None]  # [B, S]
+        own_keys = (slot[:, None] >= slot[None, :]) & real[:, None, :]  # causal, no padding
+        # Padding queries see the prefix (never an empty row: no NaN); their outputs are dropped.
+        prefix_keys = torch.ones(len(lengths), len(slot), prefix, dtype=torch.bool)
+        mask = torch.cat([prefix_keys, own_keys], 2)[:, None]
+        return cls(prefix=prefix, lengths=lengths, mask=mask.to(device))
+
+    def per_example(self, states: torch.Tensor) -> torch.Tensor:
+        """[1, H, T, D] row -> [B, H, S, D], each example's own tokens, zero-padded. Slices and
+        copies only, so the backward is deterministic (no scatter-add)."""
+        own = states[0, :, self.prefix :].transpose(0, 1).split(self.lengths)
+        return torch.nn.utils.rnn.pad_sequence(own, batch_first=True).transpose(1, 2)
+
+    def with_prefix(self, states: torch.Tensor) -> torch.Tensor:
+        """[1, H, T, D] row -> [B, H, prefix + S, D]: the prefix, then the example's tokens."""
+        head = states[:, :, : self.prefix].expand(len(self.lengths), -1, -1, -1)
+        return torch.cat([head, self.per_example(states)], 2)
+
+    def to_row(self, head: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """Prefix output [1, p, H, D] and per-example outputs [B, S, H, D] -> [1, T, H, D]."""
+        parts = [head[0]] + [own[b, :n] for b, n in enumerate(self.lengths)]
+        return torch.cat(parts)[None]
 
 
 def shared_prefix_attention(
@@ -86,17 +87,14 @@ def shared_prefix_attention(
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     layout.calls += 1
+    kwargs.pop("is_causal", None)
     p = layout.prefix
-    # [1, H, T, D] -> prefix part and [B, H, S(+p), D] per-example parts.
-    head_out, _ = sdpa_attention_forward(
+    head, _ = sdpa_attention_forward(
         module, query[:, :, :p], key[:, :, :p], value[:, :, :p], None, is_causal=True, **kwargs
     )
-    q = query[0][:, layout.query_index].transpose(0, 1)
-    k = key[0][:, layout.key_index].transpose(0, 1)
-    v = value[0][:, layout.key_index].transpose(0, 1)
-    own_out, _ = sdpa_attention_forward(module, q, k, v, layout.mask, is_causal=False, **kwargs)
-    own_out = own_out.flatten(0, 1)[layout.real]  # [tokens after the prefix, H, D]
-    return torch.cat([head_out[0], own_out])[None], None
+    q, k, v = layout.per_example(query), layout.with_prefix(key), layout.with_prefix(value)
+    own, _ = sdpa_attention_forward(module, q, k, v, layout.mask, is_causal=False, **kwargs)
+    return layout.to_row(head, own), None
 
 
 def register_attention() -> None:

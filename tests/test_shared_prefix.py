@@ -111,8 +111,9 @@ def test_the_start_up_check_refuses_a_model_that_would_get_it_wrong(
 ):
     """Attention that never sees the layout, or sees it and masks plain-causally (each example
     would attend to the ones before it in the row), must leave sharing off."""
-    import lorakit.shared_prefix as shared_prefix
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    import lorakit.shared_prefix as shared_prefix
 
     recipe = load_recipe(write_recipe(tiny_model("llama"), quant=FP32))
 
