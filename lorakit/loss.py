@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from lorakit.data import IGNORE_INDEX
-from lorakit.shared_prefix import backbone_forward
+from lorakit.shared_prefix import SharedPrefixLayout, backbone_forward
 
 CHUNK_BYTES = 64 * 2**20
 """fp32 logits per chunk: ~340 positions for a 49k vocab, ~128 for a 128k one."""
@@ -50,13 +50,10 @@ class TokenNLL(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         causal_lm = causal_lm_of(self.model)
         head = causal_lm.get_output_embeddings()
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
-            "segments": segments,
-        }
-        hidden = backbone_forward(causal_lm, batch)
+        layout = None
+        if segments is not None:  # a shared-prefix row (lorakit.data.batching.collate)
+            layout = SharedPrefixLayout.from_segments(segments, input_ids.device)
+        hidden = backbone_forward(causal_lm, input_ids, attention_mask, position_ids, layout)
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         hidden = hidden[:, :-1][keep]

@@ -24,6 +24,7 @@ built for activations that are thrown away) and rebuilds it once, in backward. M
 benchmark recipe: 5-20% less time per micro-batch in one process (four alternating pairs), but
 inside the noise in a whole `make bench --levers` pair (0.97x). FSDP keeps the non-re-entrant
 variant, which it documents as its supported mode."""
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ATTENTION_WORDS = ("attn", "attention")
 _MLP_WORDS = ("mlp", "feed_forward", "ffn")
@@ -272,13 +273,7 @@ def build_trainable_model(
         keep_frozen_embeddings_in(peft_model.get_base_model(), dtype)
     enable_fast_lora(peft_model, dtype)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    if not recipe.data.shared_prefix:
-        shared_prefix = "off"
-    elif recipe.data.packing or sharded:
-        shared_prefix = "off (packing)" if recipe.data.packing else "off (FSDP)"
-    else:
-        problem = enable_shared_prefix(peft_model.get_base_model(), recipe.data.max_seq_len)
-        shared_prefix = f"off ({problem})" if problem else "on"
+    shared_prefix = enable_shared_prefix(peft_model.get_base_model(), recipe.data, sharded)
     layers = recipe.lora.layers_to_transform
     summary = ModelSummary(
         base_parameters=total - trainable,

@@ -26,6 +26,7 @@ from torch import nn
 
 from lorakit.data.batching import collate, collate_shared
 from lorakit.data.pipeline import IGNORE_INDEX, Example
+from lorakit.recipe import DataSection
 
 ATTENTION = "lorakit_shared_prefix_sdpa"
 """The attention implementation name: SDPA, plus the shared-prefix layout when a batch has one."""
@@ -107,42 +108,54 @@ def register_attention() -> None:
 
 def backbone_forward(
     causal_lm: nn.Module,
-    batch: dict[str, torch.Tensor | None],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
     layout: SharedPrefixLayout | None = None,
 ) -> torch.Tensor:
-    """Last hidden states of a batch, padded or shared-prefix (`segments` in the batch)."""
+    """Last hidden states of a padded (or packed) batch, or of a shared-prefix row."""
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-    segments = batch.get("segments")
-    if layout is None and segments is not None:
-        layout = SharedPrefixLayout.from_segments(segments, batch["input_ids"].device)
     extra = {} if layout is None else {LAYOUT_KWARG: layout}
     # No KV cache: with one, transformers ignores packed position_ids and masks causally only.
     return backbone(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch.get("position_ids"),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
         use_cache=False,
         **extra,
     ).last_hidden_state
 
 
-def enable_shared_prefix(causal_lm: nn.Module, max_seq_len: int) -> str | None:
-    """Switch the model to the shared-prefix attention when it is exact for it; the reason
-    when it is not (the model is then left as it was)."""
+def enable_shared_prefix(causal_lm: nn.Module, data: DataSection, sharded: bool) -> str:
+    """`on` when the recipe asks for shared prefixes and they are exact for this model (it is
+    then switched to the shared-prefix attention), else `off` with the reason (the model is
+    left as it was)."""
+    if not data.shared_prefix:
+        return "off"
+    problem = _unsupported(causal_lm, data, sharded)
+    if problem is None:
+        register_attention()
+        causal_lm.set_attn_implementation(ATTENTION)
+        problem = _probe(causal_lm)
+        if problem:
+            causal_lm.set_attn_implementation("sdpa")
+    return f"off ({problem})" if problem else "on"
+
+
+def _unsupported(causal_lm: nn.Module, data: DataSection, sharded: bool) -> str | None:
+    if data.packing:
+        return "packing"
+    if sharded:
+        return "FSDP"
     config = causal_lm.config
     if config._attn_implementation != "sdpa":
         return f"attention is {config._attn_implementation}, not sdpa"
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < max_seq_len:
+    if window and getattr(config, "use_sliding_window", True) and window < data.max_seq_len:
         return f"sliding-window attention ({window} < max_seq_len)"
     if getattr(config, "attn_logit_softcapping", None):
         return "soft-capped attention"
-    register_attention()
-    causal_lm.set_attn_implementation(ATTENTION)
-    problem = _probe(causal_lm)
-    if problem:
-        causal_lm.set_attn_implementation("sdpa")
-    return problem
+    return None
 
 
 def _probe(causal_lm: nn.Module) -> str | None:
@@ -162,8 +175,14 @@ def _probe(causal_lm: nn.Module) -> str | None:
     causal_lm.eval()
     try:
         with torch.no_grad():
-            want = backbone_forward(causal_lm, padded)
-            got = backbone_forward(causal_lm, shared, layout)
+            want = backbone_forward(causal_lm, padded["input_ids"], padded["attention_mask"])
+            got = backbone_forward(
+                causal_lm,
+                shared["input_ids"],
+                shared["attention_mask"],
+                shared["position_ids"],
+                layout,
+            )
     finally:
         causal_lm.train(was_training)
     if layout.calls == 0:

@@ -289,6 +289,7 @@ def train(
     pad_id = tokenizer.pad_token_id
     # flash-attention reads packed examples from one flattened row (its varlen path).
     flat = recipe.data.packing and recipe.model.attn_implementation == "flash_attention_2"
+    share_prefix = summary.shared_prefix == "on"
     train_loader = make_loader(
         data.train,
         tcfg.micro_batch_size,
@@ -298,7 +299,7 @@ def train(
         flatten=flat,
         group_by_length=recipe.data.group_by_length,
         processes=accelerator.num_processes,
-        share_prefix=summary.shared_prefix == "on",
+        share_prefix=share_prefix,
     )
     val_loader = make_loader(
         data.validation,
@@ -307,7 +308,7 @@ def train(
         tcfg.seed,
         shuffle=False,
         flatten=flat,
-        share_prefix=summary.shared_prefix == "on",
+        share_prefix=share_prefix,
     )
     sampler = train_loader.sampler
     loss_module = TokenNLL(model)

@@ -99,7 +99,7 @@ def trainable_shared_prefix(examples: Sequence[Example]) -> int:
     """The prefix a batch can share in training: common tokens whose labels, and the label of
     the first token after them, are all masked (that token is predicted from the prefix in
     every example, so it may be counted in none); 0 when not worth sharing."""
-    if len(examples) < 2 or any(e.position_ids is not None for e in examples):
+    if len(examples) < 2:
         return 0
     length = shared_prefix_length([e.input_ids for e in examples])
     for example in examples:
