@@ -40,6 +40,33 @@ FACTS = [
 ]
 
 
+FP32 = {"bnb_4bit_compute_dtype": "float32"}
+"""Recipe `quant` overrides for exact comparisons: 4-bit storage, fp32 compute."""
+
+
+def load_adapter_as_trained(base_dir: Path | str, adapter_dir: Path | str):
+    """The NF4 (double-quant, fp32 compute) base with a saved adapter, straight from
+    transformers and PEFT: the model training ran, rebuilt without lorakit."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lorakit.peft_setup import keep_4bit_layers_differentiable
+
+    base = AutoModelForCausalLM.from_pretrained(
+        base_dir,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        ),
+        dtype=torch.float32,
+    )
+    # Same 4-bit kernel as in training (the AVX-512-BF16 inference repacking computes in bf16).
+    keep_4bit_layers_differentiable(base)
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_and_isolated(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -30,8 +30,7 @@ from lorakit.checkpoint import (
 from lorakit.errors import LorakitError
 from lorakit.recipe import load_recipe
 from lorakit.train import train
-
-FP32 = {"bnb_4bit_compute_dtype": "float32"}
+from tests.conftest import FP32
 
 
 def _two_optimizers(kind: str):

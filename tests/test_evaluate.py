@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from lorakit.cli import app
@@ -33,11 +33,10 @@ from lorakit.metrics import (
     score_generations,
     sentence_chrf,
 )
-from lorakit.peft_setup import keep_4bit_layers_differentiable
 from lorakit.recipe import load_recipe
 from lorakit.targets import load_target, resolve_target
 from lorakit.train import train
-from tests.conftest import FACTS, build_tokenizer, fact_rows, write_jsonl
+from tests.conftest import FACTS, build_tokenizer, fact_rows, load_adapter_as_trained, write_jsonl
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,21 +101,6 @@ def _independent_nll(model, tokenizer, rows) -> tuple[float, int]:
     return total, count
 
 
-def _load_adapter_as_trained(base_dir, adapter_dir):
-    base = AutoModelForCausalLM.from_pretrained(
-        base_dir,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        ),
-        dtype=torch.float32,
-    )
-    keep_4bit_layers_differentiable(base)
-    return PeftModel.from_pretrained(base, adapter_dir).eval()
-
-
 def test_perplexity_equals_exp_of_mean_token_nll_from_logits(memorized, tiny_model, tmp_path):
     result, data = memorized
     base_dir = tiny_model("llama")
@@ -133,7 +117,7 @@ def test_perplexity_equals_exp_of_mean_token_nll_from_logits(memorized, tiny_mod
     # A random tiny model has a perplexity in the hundreds: compare it relatively.
     assert base_scores.scores["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
 
-    adapter = _load_adapter_as_trained(base_dir, result.adapter_dir)
+    adapter = load_adapter_as_trained(base_dir, result.adapter_dir)
     nll, count = _independent_nll(adapter, tokenizer, rows)
     assert adapter_scores.trained_tokens == count
     assert adapter_scores.scores["perplexity"] == pytest.approx(math.exp(nll / count), abs=1e-5)

@@ -9,8 +9,7 @@ from lorakit.loss import TokenNLL
 from lorakit.models import load_tokenizer
 from lorakit.peft_setup import build_trainable_model
 from lorakit.recipe import load_recipe
-
-FP32 = {"bnb_4bit_compute_dtype": "float32"}
+from tests.conftest import FP32
 
 
 def plain_peft(model: torch.nn.Module) -> None:

@@ -16,8 +16,7 @@ from lorakit.errors import LorakitError
 from lorakit.recipe import EarlyStopping, load_recipe
 from lorakit.tracking import read_metrics
 from lorakit.train import _record_evaluation, train
-
-FP32 = {"bnb_4bit_compute_dtype": "float32"}
+from tests.conftest import FP32
 
 
 def poison_steps(monkeypatch, steps: set[int], what: str) -> None:

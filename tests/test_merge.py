@@ -10,20 +10,19 @@ import torch
 import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from lorakit.checkpoint import PROVENANCE_FILE, RECIPE_FILE, save_adapter
 from lorakit.cli import app
 from lorakit.merge import MergeOptions, VerifyReport, attach_adapters, merge, read_adapter
 from lorakit.models import load_tokenizer, resolve_model
-from lorakit.peft_setup import build_trainable_model, keep_4bit_layers_differentiable
+from lorakit.peft_setup import build_trainable_model
 from lorakit.recipe import load_recipe
 from lorakit.train import provenance, train
-from tests.conftest import build_config, build_tokenizer, recipe_file
+from tests.conftest import FP32, build_config, build_tokenizer, load_adapter_as_trained, recipe_file
 from tests.test_cli import assert_one_error_line
 
-FP32 = {"bnb_4bit_compute_dtype": "float32"}
 IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 8, 120, 64]])
 
 
@@ -198,18 +197,7 @@ def test_dequantized_base_reproduces_the_trained_qlora_model(trained_run, tiny_m
     """`--base dequantized` equals the model the adapter was trained in (NF4 base + adapter);
     `--base original` does not: the adapter never saw the unrounded weights."""
     model_dir = tiny_model("llama")
-    quantized = AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        ),
-        dtype=torch.float32,
-    )
-    keep_4bit_layers_differentiable(quantized)  # the same fp32 kernel as in training
-    trained = PeftModel.from_pretrained(quantized, trained_run / "adapter").eval()
+    trained = load_adapter_as_trained(model_dir, trained_run / "adapter")
     expected = logits(trained)
     distance = {}
     for base in ("dequantized", "original"):

@@ -16,8 +16,8 @@ from lorakit.errors import LorakitError
 from lorakit.recipe import load_recipe
 from lorakit.tracking import read_metrics
 from lorakit.train import _check_fsdp_recipe, train
+from tests.conftest import FP32
 
-FP32 = {"bnb_4bit_compute_dtype": "float32"}
 # Adam turns float-rounding differences in the gradients into update differences in
 # proportion to the learning rate; 1e-3 keeps them far below the 1e-5 asked for.
 TRAIN = {

@@ -23,8 +23,8 @@ from lorakit.errors import LorakitError
 from lorakit.recipe import load_recipe
 from lorakit.tracking import read_metrics
 from lorakit.train import StopOnSignal, TrainingStopped, train
+from tests.conftest import FP32
 
-FP32 = {"bnb_4bit_compute_dtype": "float32"}
 # 8 examples, micro-batch 2, 2 accumulation steps: 2 optimizer steps per epoch, so step 3 is in
 # the middle of the second epoch. Dropout makes the torch RNG matter.
 RESUMABLE = {

@@ -9,8 +9,8 @@ from lorakit.data.batching import trainable_shared_prefix
 from lorakit.loss import TokenNLL
 from lorakit.peft_setup import build_trainable_model
 from lorakit.recipe import load_recipe
+from tests.conftest import FP32
 
-FP32 = {"bnb_4bit_compute_dtype": "float32"}
 CPU = torch.device("cpu")
 
 

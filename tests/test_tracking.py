@@ -9,8 +9,7 @@ from lorakit.errors import LorakitError
 from lorakit.recipe import load_recipe
 from lorakit.tracking import read_metrics, tracker_config, truncate_metrics
 from lorakit.train import launched_one_cpu_process, train
-
-FP32 = {"bnb_4bit_compute_dtype": "float32"}
+from tests.conftest import FP32
 
 
 def test_tensorboard_receives_every_logged_value(tiny_model, write_recipe):

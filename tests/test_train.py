@@ -5,17 +5,15 @@ import json
 import pytest
 import torch
 from accelerate import Accelerator
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM
 
 from lorakit.data import collate, prepare_data
 from lorakit.loss import TokenNLL
 from lorakit.models import load_tokenizer
-from lorakit.peft_setup import build_trainable_model, keep_4bit_layers_differentiable
+from lorakit.peft_setup import build_trainable_model
 from lorakit.recipe import load_recipe
 from lorakit.train import forward_backward, train
-
-FP32 = {"bnb_4bit_compute_dtype": "float32"}
+from tests.conftest import FP32, load_adapter_as_trained
 
 
 @pytest.fixture(scope="module")
@@ -88,19 +86,7 @@ def test_run_folder_holds_adapter_metrics_and_recipe(trained):
 
 def test_saved_adapter_reproduces_the_training_models_logits(trained, tiny_model):
     recipe, result = trained
-    base = AutoModelForCausalLM.from_pretrained(
-        tiny_model("llama"),
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        ),
-        dtype=torch.float32,
-    )
-    # Same 4-bit kernel as in training (the AVX-512-BF16 inference repacking computes in bf16).
-    keep_4bit_layers_differentiable(base)
-    loaded = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+    loaded = load_adapter_as_trained(tiny_model("llama"), result.adapter_dir)
     trained_model = result.model.eval()
     ids = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 8]])
     with torch.no_grad():
