@@ -52,6 +52,7 @@ from lorakit.models import (
     load_tokenizer,
     provenance_header,
     resolve_model,
+    safetensors_digests,
 )
 from lorakit.peft_setup import keep_4bit_layers_differentiable, load_base_model
 from lorakit.recipe import Recipe, load_recipe
@@ -682,9 +683,9 @@ def merge(options: MergeOptions, console: Console | None = None) -> MergeResult:
     with atomic_dir(options.out) as staging:
         merged.save_pretrained(staging, max_shard_size=options.max_shard_size)
         tokenizer.save_pretrained(staging)
-        files = sorted(p.name for p in staging.iterdir() if p.suffix == ".safetensors")
         info = merge_provenance(options, base, adapters, weights, method, dtype, report, staging)
         write_json(staging / PROVENANCE_FILE, info)
+    files = list(info["files"])
     say(f"merged model written to {options.out} ({len(files)} safetensors file(s))")
     return MergeResult(options.out, base, dtype, method, weights, report, files)
 
@@ -700,13 +701,9 @@ def merge_provenance(
     folder: Path,
 ) -> dict[str, Any]:
     """What went into the merged model, with hashes, so it can be traced and reproduced."""
-    base_files = {}
-    if Path(base.location).is_dir():
-        base_files = {
-            p.name: file_digest(p) for p in sorted(Path(base.location).glob("*.safetensors"))
-        }
+    location = Path(base.location)
     header = provenance_header(base)
-    header["base_model"]["files"] = base_files
+    header["base_model"]["files"] = safetensors_digests(location) if location.is_dir() else {}
     return {
         **header,
         "merge": {
@@ -733,9 +730,7 @@ def merge_provenance(
             for adapter, weight in zip(adapters, weights, strict=True)
         ],
         "verify": asdict(report) if report else None,
-        "files": {
-            p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.suffix == ".safetensors"
-        },
+        "files": safetensors_digests(folder),
     }
 
 

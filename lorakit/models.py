@@ -101,6 +101,11 @@ def file_digest(path: Path) -> str:
     return hash_file_into(hashlib.sha256(), path).hexdigest()
 
 
+def safetensors_digests(folder: Path) -> dict[str, str]:
+    """sha256 of each safetensors file in a folder, by file name (sorted)."""
+    return {p.name: file_digest(p) for p in sorted(folder.glob("*.safetensors"))}
+
+
 def hash_file_into(digest: Any, path: Path) -> Any:
     """Feed a file's bytes to `digest` in 1 MiB blocks; return the digest."""
     with path.open("rb") as handle:
