@@ -419,8 +419,7 @@ def quantize_command(
     if format_ == "bnb":
         if type_ is not None or verify:
             raise LorakitError("--type and --verify apply to --format gguf")
-        if dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise LorakitError(f"--dtype: {dtype!r} is not auto, float32, bfloat16 or float16")
+        dtype = _choice("--dtype", dtype, DTYPES)
         report = quantize.quantize_model(
             model,
             out,
