@@ -131,6 +131,14 @@ def adapter_folder_in(path: Path) -> Path | None:
     return None
 
 
+def tokenizer_location(adapter_dir: Path | None, base_location: str) -> str:
+    """Where an adapter's tokenizer is: the adapter folder holds the tokenizer and chat
+    template it was trained with; an adapter saved without one uses its base's."""
+    if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file():
+        return str(adapter_dir)
+    return base_location
+
+
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 

@@ -40,6 +40,7 @@ from lorakit.checkpoint import (
     RECIPE_FILE,
     adapter_folder_in,
     atomic_dir,
+    tokenizer_location,
     write_json,
 )
 from lorakit.data.formats import render_prompt
@@ -54,7 +55,7 @@ from lorakit.models import (
     resolve_model,
     safetensors_digests,
 )
-from lorakit.peft_setup import keep_4bit_layers_differentiable, load_base_model
+from lorakit.peft_setup import DTYPES, keep_4bit_layers_differentiable, load_base_model
 from lorakit.recipe import Recipe, load_recipe
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_ties", "dare_linear", "magnitude_prune")
@@ -66,7 +67,6 @@ DENSITY_METHODS = ("ties", "dare_ties", "dare_linear", "magnitude_prune")
 # plain weighted sum, with no approximation, which is what merging into the weights wants.
 DEFAULT_METHOD = "cat"
 BASES = ("original", "dequantized")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMBINED = "combined"
 VERIFY_NEW_TOKENS = 16
 # Mean KL(unmerged || merged) per token, in nats. Measured on SmolLM2-135M with a quickstart
@@ -345,10 +345,11 @@ def _dims(module: nn.Module) -> tuple[int, int] | None:
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<factor>[AB])(?:\.weight)?$")
 
 
-def check_fits_base(adapter: Adapter, base: ResolvedModel, trust_remote_code: bool) -> None:
-    """Compare the adapter's tensor shapes with the base's modules on the meta device (no
+def check_fits_base(
+    adapters: list[Adapter], base: ResolvedModel, config: Any, trust_remote_code: bool
+) -> None:
+    """Compare each adapter's tensor shapes with the base's modules on the meta device (no
     weights loaded), so a wrong base fails in a second with a message that names it."""
-    config = load_config(base.location, trust_remote_code)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     modules = dict(skeleton.named_modules())
@@ -357,6 +358,16 @@ def check_fits_base(adapter: Adapter, base: ResolvedModel, trust_remote_code: bo
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     vocab = getattr(config, "vocab_size", None)
     described = f"{base.reference} ({arch}, hidden size {hidden}, vocabulary {vocab})"
+    for adapter in adapters:
+        _check_shapes(adapter, modules, params, described)
+
+
+def _check_shapes(
+    adapter: Adapter,
+    modules: dict[str, nn.Module],
+    params: dict[str, nn.Parameter],
+    described: str,
+) -> None:
     prefix = "base_model.model."
     with safe_open(adapter.folder / ADAPTER_WEIGHTS, "pt") as tensors:
         for key in tensors.keys():  # noqa: SIM118 (safe_open is not a mapping)
@@ -391,9 +402,9 @@ def check_fits_base(adapter: Adapter, base: ResolvedModel, trust_remote_code: bo
 
 
 def check_vocabulary(
-    adapter: Adapter, tokenizer: PreTrainedTokenizerBase, base: ResolvedModel
+    adapter: Adapter, tokenizer: PreTrainedTokenizerBase, base: ResolvedModel, config: Any
 ) -> None:
-    vocab = getattr(load_config(base.location), "vocab_size", None)
+    vocab = getattr(config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise LorakitError(
             f"{adapter.folder}: its tokenizer has {len(tokenizer)} tokens but the base model "
@@ -401,11 +412,12 @@ def check_vocabulary(
         )
 
 
-def merge_dtype(setting: str, base: ResolvedModel, trust_remote_code: bool) -> torch.dtype:
-    """`auto`: the dtype the base checkpoint is stored in (float32 when it does not say)."""
+def merge_dtype(setting: str, config: Any) -> torch.dtype:
+    """`auto`: the dtype the base checkpoint (`config`) is stored in (float32 when it does not
+    say)."""
     if setting != "auto":
         return DTYPES[setting]
-    stored = getattr(load_config(base.location, trust_remote_code), "dtype", None)
+    stored = getattr(config, "dtype", None)
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
     return stored if stored in DTYPES.values() else torch.float32
@@ -471,28 +483,24 @@ def attach_adapters(
     model: PreTrainedModel,
     adapters: list[Adapter],
     weights: list[float],
-    method: str | None,
+    combination: str | None,
     density: float | None,
 ) -> PeftModel:
-    """Base + adapters with one active adapter: the single adapter as trained, or their
-    weighted combination (peft's add_weighted_adapter)."""
+    """Base + adapters with one active adapter: the single adapter as trained (`combination`
+    None), or their weighted combination (peft's add_weighted_adapter)."""
     peft_model = PeftModel.from_pretrained(model, adapters[0].folder, adapter_name="adapter0")
     names = ["adapter0"]
     for i, adapter in enumerate(adapters[1:], start=1):
         peft_model.load_adapter(adapter.folder, adapter_name=f"adapter{i}")
         names.append(f"adapter{i}")
-    if len(adapters) == 1 and weights == [1.0]:
+    if combination is None:
         return peft_model
     try:
         peft_model.add_weighted_adapter(
-            names,
-            weights,
-            COMBINED,
-            combination_type=method or "linear",
-            density=density,
+            names, weights, COMBINED, combination_type=combination, density=density
         )
     except (ValueError, TypeError) as exc:
-        raise LorakitError(f"--method {method}: {str(exc).splitlines()[0]}") from None
+        raise LorakitError(f"--method {combination}: {str(exc).splitlines()[0]}") from None
     _fix_rslora_scaling(peft_model)
     peft_model.set_adapter(COMBINED)
     for name in names:
@@ -638,20 +646,20 @@ def merge(options: MergeOptions, console: Console | None = None) -> MergeResult:
     check_options(options, len(adapters))
     weights = list(options.weights) if options.weights else [1.0] * len(adapters)
     method = (options.method or DEFAULT_METHOD) if len(adapters) > 1 else None
-    combining = len(adapters) > 1 or weights != [1.0]
+    # How peft combines the adapters; None: one adapter at weight 1, used as trained.
+    combination = (method or "linear") if len(adapters) > 1 or weights != [1.0] else None
     check_same_base(adapters)
-    if combining:
-        check_combinable(adapters, method or "linear")
+    if combination:
+        check_combinable(adapters, combination)
     primary = adapters[0]
     recipe = primary.recipe
     trust_remote_code = bool(recipe and recipe.model.trust_remote_code)
     base = resolve_base(primary, options.base_model)
-    for adapter in adapters:
-        check_fits_base(adapter, base, trust_remote_code)
-    has_tokenizer = (primary.folder / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(primary.folder) if has_tokenizer else base.location)
-    check_vocabulary(primary, tokenizer, base)
-    dtype = merge_dtype(options.dtype, base, trust_remote_code)
+    config = load_config(base.location, trust_remote_code)
+    check_fits_base(adapters, base, config, trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_location(primary.folder, base.location))
+    check_vocabulary(primary, tokenizer, base, config)
+    dtype = merge_dtype(options.dtype, config)
     tolerance = options.tolerance or DEFAULT_TOLERANCE[dtype]
     assert options.out is not None  # checked above
 
@@ -660,7 +668,7 @@ def merge(options: MergeOptions, console: Console | None = None) -> MergeResult:
             model = load_original_base(recipe, base, dtype)
         else:
             model = load_dequantized_base(recipe, primary, base, dtype)
-        peft_model = attach_adapters(model, adapters, weights, method, options.density)
+        peft_model = attach_adapters(model, adapters, weights, combination, options.density)
         samples, effect = [], Effect(0.0, 0.0)
         if options.verify:
             prompts = sample_prompts(recipe, options.verify_prompts)

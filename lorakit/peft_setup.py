@@ -25,7 +25,8 @@ benchmark recipe: 5-20% less time per micro-batch in one process (four alternati
 inside the noise in a whole `make bench --levers` pair (0.97x). FSDP keeps the non-re-entrant
 variant, which it documents as its supported mode."""
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtype names recipes and commands accept, and their torch dtypes."""
 _ATTENTION_WORDS = ("attn", "attention")
 _MLP_WORDS = ("mlp", "feed_forward", "ffn")
 
@@ -44,7 +45,7 @@ def choose_compute_dtype(setting: str, device: torch.device) -> torch.dtype:
     """`auto`: bf16 where the hardware runs it fast, fp32 otherwise (bf16 is ~13x slower on
     CPUs without AVX-512-BF16/AMX)."""
     if setting != "auto":
-        return _DTYPES[setting]
+        return DTYPES[setting]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and cpu_has_fast_bf16():

@@ -27,6 +27,7 @@ from lorakit.checkpoint import (
     PROVENANCE_FILE,
     RECIPE_FILE,
     adapter_folder_in,
+    tokenizer_location,
 )
 from lorakit.errors import LorakitError
 from lorakit.models import load_tokenizer, resolve_model
@@ -54,10 +55,7 @@ class Target:
 
     @property
     def tokenizer_location(self) -> str:
-        # The adapter folder holds the tokenizer and chat template it was trained with.
-        if self.adapter_dir and (self.adapter_dir / "tokenizer_config.json").is_file():
-            return str(self.adapter_dir)
-        return self.model_location
+        return tokenizer_location(self.adapter_dir, self.model_location)
 
     @property
     def trust_remote_code(self) -> bool:
