@@ -29,10 +29,12 @@ from lorakit.models import load_tokenizer, resolve_model
 from lorakit.quantize import (
     QuantizeReport,
     export_gguf,
+    layers_by_kind,
     load_eval_examples,
     mean_token_nll,
     quantize_model,
     verify_gguf,
+    weighted_error,
 )
 
 MODEL = "smollm2-135m-instruct"
@@ -109,14 +111,9 @@ def layer_kind_table(reports: list[QuantizeReport]) -> Table:
     table.add_column("layer")
     for r in reports:
         table.add_column(r.method + (" + DQ" if r.double_quant else ""), justify="right")
-    kinds = dict.fromkeys(layer.name.rsplit(".", 1)[-1] for layer in reports[0].layers)
-    for kind in kinds:
-        cells = []
-        for r in reports:
-            members = [x for x in r.layers if x.name.endswith("." + kind)]
-            params = sum(x.parameters for x in members)
-            cells.append(f"{sum(x.relative_error * x.parameters for x in members) / params:.4f}")
-        table.add_row(kind, *cells)
+    groups = [layers_by_kind(r.layers) for r in reports]
+    for kind in groups[0]:
+        table.add_row(kind, *(f"{weighted_error(g[kind]):.4f}" for g in groups))
     return table
 
 

@@ -29,12 +29,18 @@ from accelerate import Accelerator
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from lorakit.checkpoint import ADAPTER_CONFIG, ADAPTER_DIR, PROVENANCE_FILE, atomic_dir, write_json
+from lorakit.checkpoint import (
+    ADAPTER_DIR,
+    PROVENANCE_FILE,
+    adapter_folder_in,
+    atomic_dir,
+    write_json,
+)
 from lorakit.data import make_loader
 from lorakit.data.formats import render_prompt
 from lorakit.data.pipeline import Example, load_rows, tokenize_rows
 from lorakit.errors import LorakitError
-from lorakit.evaluate import evaluate_loss
+from lorakit.evaluate import evaluate_loss, perplexity
 from lorakit.loss import TokenNLL
 from lorakit.models import (
     ResolvedModel,
@@ -85,13 +91,14 @@ def resolve_source(reference: str) -> ResolvedModel:
 
 
 def _refuse_adapter(path: Path, reference: str) -> None:
-    if (path / ADAPTER_CONFIG).is_file():
+    folder = adapter_folder_in(path)
+    if folder == path:
         merged = path.parent / "merged" if path.name == ADAPTER_DIR else Path(f"{path}-merged")
         raise LorakitError(
             f"{reference} is a LoRA adapter, not a model: merge it into its base first with "
             f"`lorakit merge {reference} --out {merged}`, then quantize {merged}"
         )
-    if (path / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+    if folder is not None:
         merged = path / "merged"
         raise LorakitError(
             f"{reference} is a training run (its adapter is not a model): merge it into its base "
@@ -142,6 +149,19 @@ class LayerStats:
         return 8 * self.stored_bytes / self.parameters
 
 
+def weighted_error(layers: list[LayerStats]) -> float:
+    """Parameter-weighted mean of the layers' relative errors."""
+    return sum(x.relative_error * x.parameters for x in layers) / sum(x.parameters for x in layers)
+
+
+def layers_by_kind(layers: list[LayerStats]) -> dict[str, list[LayerStats]]:
+    """Layers grouped by their last name part (q_proj, down_proj, ...), in first-seen order."""
+    groups: dict[str, list[LayerStats]] = {}
+    for layer in layers:
+        groups.setdefault(layer.name.rsplit(".", 1)[-1], []).append(layer)
+    return groups
+
+
 @dataclass
 class QuantizeReport:
     source: str
@@ -176,16 +196,11 @@ class QuantizeReport:
 
     @property
     def mean_error(self) -> float:
-        """Parameter-weighted mean of the per-layer relative errors."""
-        weighted = sum(x.relative_error * x.parameters for x in self.layers)
-        return weighted / self.quantized_parameters
+        return weighted_error(self.layers)
 
     @property
     def worst_layer(self) -> LayerStats:
         return max(self.layers, key=lambda x: x.relative_error)
-
-    def perplexity(self, loss: float | None) -> float | None:
-        return None if loss is None else math.exp(loss)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -198,8 +213,8 @@ class QuantizeReport:
             stored_bits_per_parameter=self.stored_bits,
             paper_bits_per_parameter=self.paper_bits,
             mean_relative_error=self.mean_error,
-            perplexity_before=self.perplexity(self.loss_before),
-            perplexity_after=self.perplexity(self.loss_after),
+            perplexity_before=None if self.loss_before is None else perplexity(self.loss_before),
+            perplexity_after=None if self.loss_after is None else perplexity(self.loss_after),
         )
         return data
 
@@ -921,7 +936,7 @@ def report_tables(report: QuantizeReport) -> list[Table]:
         f"worst {worst.relative_error:.4f} ({worst.name})",
     )
     if report.loss_before is not None and report.loss_after is not None:
-        before, after = math.exp(report.loss_before), math.exp(report.loss_after)
+        before, after = perplexity(report.loss_before), perplexity(report.loss_after)
         summary.add_row(
             "perplexity",
             f"{before:.3f} → {after:.3f} ({100 * (after / before - 1):+.2f}%) "
@@ -930,16 +945,13 @@ def report_tables(report: QuantizeReport) -> list[Table]:
     layers = Table(title="reconstruction error by layer kind", title_justify="left")
     for column in ("layer", "layers", "parameters", "mean error", "max error", "bits/param"):
         layers.add_column(column, justify="left" if column == "layer" else "right")
-    groups: dict[str, list[LayerStats]] = {}
-    for layer in report.layers:
-        groups.setdefault(layer.name.rsplit(".", 1)[-1], []).append(layer)
-    for kind, members in groups.items():
+    for kind, members in layers_by_kind(report.layers).items():
         params = sum(x.parameters for x in members)
         layers.add_row(
             kind,
             str(len(members)),
             f"{params:,}",
-            f"{sum(x.relative_error * x.parameters for x in members) / params:.4f}",
+            f"{weighted_error(members):.4f}",
             f"{max(x.relative_error for x in members):.4f}",
             f"{8 * sum(x.block_bytes for x in members) / params:.3f}",
         )
