@@ -135,8 +135,12 @@ def enable_shared_prefix(causal_lm: nn.Module, data: DataSection, sharded: bool)
     problem = _unsupported(causal_lm, data, sharded)
     if problem is None:
         register_attention()
-        causal_lm.set_attn_implementation(ATTENTION)
-        problem = _probe(causal_lm)
+        try:
+            causal_lm.set_attn_implementation(ATTENTION)
+            problem = _probe(causal_lm)
+        # Any failure of an architecture this was not written for means: do not share.
+        except Exception as exc:  # noqa: BLE001
+            problem = f"the check failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
         if problem:
             causal_lm.set_attn_implementation("sdpa")
     return f"off ({problem})" if problem else "on"

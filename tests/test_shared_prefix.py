@@ -109,8 +109,8 @@ def test_shared_prefix_is_off_where_it_cannot_be_exact(tiny_model, write_recipe)
 def test_the_start_up_check_refuses_a_model_that_would_get_it_wrong(
     tiny_model, write_recipe, monkeypatch
 ):
-    """Attention that never sees the layout, or sees it and masks plain-causally (each example
-    would attend to the ones before it in the row), must leave sharing off."""
+    """Attention that never sees the layout, sees it and masks plain-causally (each example
+    would attend to the ones before it in the row), or fails on it must leave sharing off."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     import lorakit.shared_prefix as shared_prefix
@@ -127,9 +127,15 @@ def test_the_start_up_check_refuses_a_model_that_would_get_it_wrong(
             layout.calls, mask = layout.calls + 1, None
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
 
+    def failing(module, query, key, value, mask, **kwargs):
+        if shared_prefix.LAYOUT_KWARG in kwargs:
+            raise RuntimeError("shapes do not match\nmore detail")
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
     for attention, reason in (
         (deaf, "do not receive the layout"),
         (plain_causal, "hidden states differ"),
+        (failing, "the check failed: RuntimeError: shapes do not match)"),
     ):
         monkeypatch.setattr(shared_prefix, "shared_prefix_attention", attention)
         model, summary = build_trainable_model(recipe, str(recipe.model.name_or_path), CPU)
