@@ -38,6 +38,8 @@ class Spec:
     warmup_ratio: float = 0.05
     optimizer: str = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
+    checkpoint_every_n_layers: int = 1
+    """lorakit only (a lever); the TRL arm checkpoints every layer."""
     r: int = 16
     lora_alpha: float = 32
     lora_dropout: float = 0.0

@@ -2,8 +2,9 @@
 
     python benchmarks/lorakit_arm.py '<Spec JSON>' [LEVER ...]
 
-A LEVER turns one of lorakit's speed choices back off, to measure what it is worth (see
-`LEVERS`); the recipe-level ones (dtype, threads, checkpointing, dropout) are Spec fields.
+A LEVER turns one of lorakit's speed choices back off (or, `torch_compile`, one it does not
+make on), to measure what it is worth (see `LEVERS`); the recipe-level ones (dtype, threads,
+checkpointing, dropout) are Spec fields.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def recipe_dict(
             "warmup_ratio": spec.warmup_ratio,
             "optimizer": spec.optimizer,
             "gradient_checkpointing": spec.gradient_checkpointing,
+            "checkpoint_every_n_layers": spec.checkpoint_every_n_layers,
             "seed": spec.seed,
             "logging_steps": 1,
         },
@@ -141,6 +143,36 @@ def full_logits() -> None:
     lorakit.train.TokenNLL = FullLogits
 
 
+def torch_compile() -> None:
+    """Turns compilation ON (it is off in lorakit): every decoder layer through
+    `torch.compile` (regional compilation: one graph serves all layers of a class). The
+    shared-prefix attention stays eager: its layout is Python data a graph would guard on."""
+    import os
+
+    import torch
+
+    import lorakit.peft_setup
+    import lorakit.shared_prefix
+    import lorakit.train
+
+    # A cold start, as a recipe's first run has: no kernels from an earlier compilation.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-inductor-")
+    attention = lorakit.shared_prefix.shared_prefix_attention
+    lorakit.shared_prefix.shared_prefix_attention = torch.compiler.disable(attention)
+    build = lorakit.peft_setup.build_trainable_model
+
+    def build_compiled(*args, **kwargs):
+        model, summary = build(*args, **kwargs)
+        base = model.get_base_model()
+        layer_classes = set(base._no_split_modules or ())
+        for module in base.modules():
+            if type(module).__name__ in layer_classes:
+                module.compile(dynamic=True)
+        return model, summary
+
+    lorakit.train.build_trainable_model = build_compiled
+
+
 LEVERS = {
     "no_fast_lora": no_fast_lora,
     "fp32_embeddings": fp32_embeddings,
@@ -149,6 +181,7 @@ LEVERS = {
     "no_group_by_length": None,  # a recipe key
     "no_shared_prefix": None,  # a recipe key
     "non_reentrant_checkpointing": non_reentrant_checkpointing,
+    "torch_compile": torch_compile,
 }
 
 

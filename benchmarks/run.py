@@ -258,6 +258,12 @@ LEVER_RUNS = [
     ("no length grouping", {}, ["no_group_by_length"]),
     ("1 thread (torch.set_num_threads)", {"threads": 1}, []),
     ("gradient checkpointing off (reference)", {"gradient_checkpointing": False}, []),
+    (
+        "checkpoint 1 layer in 2 (train.checkpoint_every_n_layers: 2)",
+        {"checkpoint_every_n_layers": 2},
+        [],
+    ),
+    ("torch.compile of every decoder layer (off in lorakit)", {}, ["torch_compile"]),
 ]
 
 
@@ -266,10 +272,11 @@ def levers(spec: Spec, only: list[str]) -> None:
     print(f"machine: {machine()}")
     print(
         "| lever (changed from lorakit's default) | trained tok/s default / lever "
-        "| default is (wall) | CPU s per step default / lever | default is (CPU) "
+        "| default is (wall) | median s per step default / lever "
+        "| CPU s per step default / lever | default is (CPU) "
         "| held-out loss default / lever | loop peak RSS MB default / lever | padding |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, changes, flags in LEVER_RUNS:
         if only and not any(o in label or o in flags for o in only):
             continue
@@ -279,6 +286,7 @@ def levers(spec: Spec, only: list[str]) -> None:
         cpu, cpu_lever = (r.loop_cpu_seconds / r.steps for r in (base, variant))
         print(
             f"| {label} | {fast:.1f} / {slow:.1f} | {fast / slow:.2f}x "
+            f"| {base.median_step_s:.2f} / {variant.median_step_s:.2f} "
             f"| {cpu:.2f} / {cpu_lever:.2f} | {cpu_lever / cpu:.2f}x "
             f"| {base.heldout_loss:.4f} / {variant.heldout_loss:.4f} "
             f"| {base.train_peak_rss_mb:.0f} / {variant.train_peak_rss_mb:.0f} "

@@ -42,6 +42,8 @@ class _LastCast:
     def of(cls, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if x.dtype == dtype:
             return x
+        if torch.compiler.is_compiling():  # a compiled graph merges the casts itself
+            return x.to(dtype)
         if cls.source is not x or cls.version != x._version or cls.result.dtype != dtype:
             cls.source, cls.version, cls.result = x, x._version, x.to(dtype)
         return cls.result

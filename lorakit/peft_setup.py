@@ -240,6 +240,15 @@ def describe_quantization(quant: QuantSection) -> str:
     return f"4-bit {quant.bnb_4bit_quant_type}{double}"
 
 
+def enable_checkpointing(model: PreTrainedModel, every_n_layers: int, sharded: bool) -> None:
+    """transformers' activation checkpointing of every (or every n-th) decoder layer; it also
+    makes the embeddings' output require grad, which re-entrant checkpointing needs."""
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": REENTRANT_CHECKPOINTING and not sharded},
+        every_n_layers=every_n_layers,
+    )
+
+
 def build_trainable_model(
     recipe: Recipe, location: str, device: torch.device, sharded: bool = False
 ) -> tuple[PeftModel, ModelSummary]:
@@ -250,19 +259,10 @@ def build_trainable_model(
     model, dtype = load_base_model(recipe, location, device, sharded)
     keep_4bit_layers_differentiable(model)
     targets = resolve_target_modules(model, recipe.lora.target_modules)
-    checkpointing = {"use_reentrant": REENTRANT_CHECKPOINTING and not sharded}
-    if sharded:
-        if recipe.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-            model.enable_input_require_grads()
-    elif recipe.quant.load_in_4bit:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=recipe.train.gradient_checkpointing,
-            gradient_checkpointing_kwargs=checkpointing,
-        )
-    elif recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    if recipe.quant.load_in_4bit and not sharded:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if recipe.train.gradient_checkpointing:
+        enable_checkpointing(model, recipe.train.checkpoint_every_n_layers, sharded)
     model.config.use_cache = False
     try:
         peft_model = get_peft_model(

@@ -231,6 +231,9 @@ class TrainSection(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 42
     gradient_checkpointing: bool = True
+    checkpoint_every_n_layers: PositiveInt = 1
+    """With gradient checkpointing, checkpoint only every n-th decoder layer (transformers'
+    `every_n_layers`); the others keep their activations: faster, more memory. 1: all."""
     eval_steps: PositiveInt | None = None
     """Evaluate every N optimizer steps (always before the first and after the last)."""
     save_steps: PositiveInt | None = None
@@ -257,6 +260,8 @@ class TrainSection(_Section):
     def _early_stopping_needs_evaluations(self) -> TrainSection:
         if self.early_stopping is not None and self.eval_steps is None:
             raise ValueError("early_stopping needs eval_steps (evaluate every N steps)")
+        if self.checkpoint_every_n_layers > 1 and not self.gradient_checkpointing:
+            raise ValueError("checkpoint_every_n_layers needs gradient_checkpointing: true")
         return self
 
 

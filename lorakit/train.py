@@ -893,7 +893,7 @@ def _model_table(recipe: Recipe, resolved: ResolvedModel, summary: ModelSummary)
         "optimization",
         f"{tcfg.optimizer} lr={tcfg.learning_rate:g} {tcfg.lr_scheduler_type} "
         f"batch={tcfg.micro_batch_size}x{tcfg.gradient_accumulation_steps} "
-        f"checkpointing={'on' if tcfg.gradient_checkpointing else 'off'}",
+        f"checkpointing={_checkpointing(tcfg)}",
     )
     return table
 
@@ -913,6 +913,13 @@ def _data_line(data: PreparedData) -> str:
             *(f"warning: {escape(note)}" for note in data.warnings),
         ]
     )
+
+
+def _checkpointing(train: TrainSection) -> str:
+    if not train.gradient_checkpointing:
+        return "off"
+    n = train.checkpoint_every_n_layers
+    return "on" if n == 1 else f"1 layer in {n}"
 
 
 def _result_table(result: RunResult) -> Table:

@@ -48,14 +48,21 @@ def test_fused_layers_match_peft_loss_and_gradients(tiny_model, write_recipe, lo
         assert torch.allclose(grad, peft_grads[name], atol=1e-6, rtol=1e-4), name
 
 
-@pytest.mark.parametrize("load_in_4bit", [True, False])
-def test_gradient_checkpointing_keeps_loss_and_gradients(tiny_model, write_recipe, load_in_4bit):
+@pytest.mark.parametrize(("load_in_4bit", "every_n"), [(True, 1), (False, 1), (True, 2)])
+def test_gradient_checkpointing_keeps_loss_and_gradients(
+    tiny_model, write_recipe, load_in_4bit, every_n
+):
     """Re-entrant checkpointing drops autograd from the first forward: every LoRA weight must
-    still get the gradient it gets without checkpointing (none may silently stay None)."""
+    still get the gradient it gets without checkpointing (none may silently stay None), also
+    when only every n-th layer is checkpointed."""
     quant = {**FP32, "load_in_4bit": load_in_4bit}
     model_dir = tiny_model("llama")
-    on = load_recipe(write_recipe(model_dir, quant=quant, train={"gradient_checkpointing": True}))
+    checkpointed = {"gradient_checkpointing": True, "checkpoint_every_n_layers": every_n}
+    on = load_recipe(write_recipe(model_dir, quant=quant, train=checkpointed))
     off = load_recipe(write_recipe(model_dir, quant=quant, train={"gradient_checkpointing": False}))
+    model, _ = build_trainable_model(on, on.model.name_or_path, torch.device("cpu"))
+    flags = [layer.gradient_checkpointing for layer in model.get_base_model().model.layers]
+    assert flags == [True, every_n == 1]  # the tiny model's two layers
     on_loss, on_grads = loss_and_gradients(on, fast=True)
     off_loss, off_grads = loss_and_gradients(off, fast=True)
     assert on_loss == pytest.approx(off_loss, abs=1e-6)

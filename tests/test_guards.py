@@ -156,3 +156,12 @@ def test_early_stopping_needs_evaluations(tiny_model, write_recipe):
     path = write_recipe(tiny_model("llama"), train={"early_stopping": {"patience": 2}})
     with pytest.raises(LorakitError, match="train: early_stopping needs eval_steps"):
         load_recipe(path)
+
+
+def test_checkpointing_every_n_layers_needs_checkpointing(tiny_model, write_recipe):
+    train = {"gradient_checkpointing": False, "checkpoint_every_n_layers": 2}
+    path = write_recipe(tiny_model("llama"), train=train)
+    with pytest.raises(
+        LorakitError, match="checkpoint_every_n_layers needs gradient_checkpointing"
+    ):
+        load_recipe(path)
