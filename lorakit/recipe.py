@@ -260,6 +260,10 @@ class TrainSection(_Section):
     def _early_stopping_needs_evaluations(self) -> TrainSection:
         if self.early_stopping is not None and self.eval_steps is None:
             raise ValueError("early_stopping needs eval_steps (evaluate every N steps)")
+        return self
+
+    @model_validator(mode="after")
+    def _layer_choice_needs_checkpointing(self) -> TrainSection:
         if self.checkpoint_every_n_layers > 1 and not self.gradient_checkpointing:
             raise ValueError("checkpoint_every_n_layers needs gradient_checkpointing: true")
         return self
