@@ -13,6 +13,7 @@ and rank-r projection are dropped and recomputed with the layer.
 from __future__ import annotations
 
 import types
+import weakref
 
 import torch
 from torch import nn
@@ -32,11 +33,15 @@ def _frozen_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _LastCast:
-    """q/k/v (and gate/up) read the same input: cast it to the compute dtype once, not 3x."""
+    """q/k/v (and gate/up) read the same input: cast it to the compute dtype once, not 3x.
 
-    source: torch.Tensor | None = None
+    Only weak references are kept: the cache never holds a tensor alive (between steps it
+    would otherwise pin the last layer's input and its cast). While autograd saves the cast
+    for backward, the siblings find it; in a no-grad pass each casts for itself."""
+
+    source: weakref.ref | None = None
     version: int = -1
-    result: torch.Tensor | None = None
+    result: weakref.ref | None = None
 
     @classmethod
     def of(cls, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -44,9 +49,12 @@ class _LastCast:
             return x
         if torch.compiler.is_compiling():  # a compiled graph merges the casts itself
             return x.to(dtype)
-        if cls.source is not x or cls.version != x._version or cls.result.dtype != dtype:
-            cls.source, cls.version, cls.result = x, x._version, x.to(dtype)
-        return cls.result
+        result = cls.result() if cls.result is not None else None
+        same = cls.source is not None and cls.source() is x and cls.version == x._version
+        if result is None or not same or result.dtype != dtype:
+            result = x.to(dtype)
+            cls.source, cls.version, cls.result = weakref.ref(x), x._version, weakref.ref(result)
+        return result
 
 
 class LoraLinearFunction(torch.autograd.Function):

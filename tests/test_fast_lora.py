@@ -1,5 +1,7 @@
 """The dropout-free LoRA fast path: same numbers as PEFT's forward, used only where it applies."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -124,3 +126,15 @@ def test_small_bf16_update_is_not_rounded_away():
     got = y - base_out.float()
     assert torch.allclose(got, update.float(), rtol=2e-2, atol=1e-7)
     assert got.abs().max() > 0
+
+
+def test_shared_input_cast_is_reused_and_never_kept_alive():
+    x = torch.randn(4, 8)
+    first = fast_lora._LastCast.of(x, torch.bfloat16)
+    assert fast_lora._LastCast.of(x, torch.bfloat16) is first  # q, k, v share one cast
+    x.add_(1)  # an in-place change invalidates it
+    second = fast_lora._LastCast.of(x, torch.bfloat16)
+    assert second is not first and torch.equal(second, x.to(torch.bfloat16))
+    kept = weakref.ref(x), weakref.ref(second)
+    del x, first, second
+    assert kept[0]() is None and kept[1]() is None  # the cache holds neither input nor cast
