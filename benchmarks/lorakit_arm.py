@@ -145,20 +145,17 @@ def full_logits() -> None:
 
 def torch_compile() -> None:
     """Turns compilation ON (it is off in lorakit): every decoder layer through
-    `torch.compile` (regional compilation: one graph serves all layers of a class). The
-    shared-prefix attention stays eager: its layout is Python data a graph would guard on."""
+    `torch.compile` (regional compilation: one graph serves all layers of a class). Run it
+    with `non_reentrant_checkpointing` and `no_shared_prefix`: a re-entrant checkpoint, or the
+    shared-prefix attention (its layout is Python data), breaks the layer's graph, and the
+    layer then runs eager."""
     import os
 
-    import torch
-
     import lorakit.peft_setup
-    import lorakit.shared_prefix
     import lorakit.train
 
     # A cold start, as a recipe's first run has: no kernels from an earlier compilation.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-inductor-")
-    attention = lorakit.shared_prefix.shared_prefix_attention
-    lorakit.shared_prefix.shared_prefix_attention = torch.compiler.disable(attention)
     build = lorakit.peft_setup.build_trainable_model
 
     def build_compiled(*args, **kwargs):

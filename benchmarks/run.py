@@ -263,7 +263,16 @@ LEVER_RUNS = [
         {"checkpoint_every_n_layers": 2},
         [],
     ),
-    ("torch.compile of every decoder layer (off in lorakit)", {}, ["torch_compile"]),
+    (
+        "torch.compile of every decoder layer, non-re-entrant checkpointing, no shared prefix",
+        {},
+        ["torch_compile", "non_reentrant_checkpointing", "no_shared_prefix"],
+    ),
+    (
+        "non-re-entrant checkpointing, no shared prefix (the row above without compiling)",
+        {},
+        ["non_reentrant_checkpointing", "no_shared_prefix"],
+    ),
 ]
 
 
