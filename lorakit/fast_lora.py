@@ -69,7 +69,8 @@ class LoraLinearFunction(torch.autograd.Function):
         u = xc @ a.t()
         # The update is summed in the input's dtype: early in training it is far below bf16's
         # resolution of the base output and would round away.
-        y = y.to(x.dtype).add_(u @ b.t(), alpha=scaling)
+        # Scaled with mul_, not add_(alpha=): a compiled graph drops that alpha (torch 2.13).
+        y = y.to(x.dtype).add_((u @ b.t()).mul_(scaling))
         ctx.save_for_backward(xc, u, a, b)
         ctx.base, ctx.scaling, ctx.compute_dtype = base, scaling, compute_dtype
         ctx.dtypes = (x.dtype, lora_a.dtype, lora_b.dtype)

@@ -138,3 +138,27 @@ def test_shared_input_cast_is_reused_and_never_kept_alive():
     kept = weakref.ref(x), weakref.ref(second)
     del x, first, second
     assert kept[0]() is None and kept[1]() is None  # the cache holds neither input nor cast
+
+
+def test_fused_layer_compiles_to_the_same_output_and_gradients():
+    """Under `torch.compile` the fused function must still scale the update: an `add_` with
+    `alpha=` lost its scaling in the compiled graph (torch 2.13)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 48, bias=False)
+    x0, a0, b0 = torch.randn(2, 5, 64), torch.randn(8, 64), torch.randn(48, 8)
+
+    def fused(x, a, b):
+        return fast_lora.LoraLinearFunction.apply(x, a, b, base, 2.0, torch.float32)
+
+    results = []
+    for fn in (fused, torch.compile(fused, dynamic=True)):
+        x, a, b = (t.clone().requires_grad_() for t in (x0, a0, b0))
+        y = fn(x, a, b)
+        y.pow(2).sum().backward()
+        results.append((y.detach(), x.grad, a.grad, b.grad))
+    x, a, b = (t.clone().requires_grad_() for t in (x0, a0, b0))
+    reference = base(x) + 2.0 * (x @ a.t()) @ b.t()
+    reference.pow(2).sum().backward()
+    for got in results:
+        for value, want in zip(got, (reference.detach(), x.grad, a.grad, b.grad), strict=True):
+            assert torch.allclose(value, want, rtol=1e-5, atol=1e-4)
