@@ -40,6 +40,8 @@ class Spec:
     gradient_checkpointing: bool = True
     checkpoint_every_n_layers: int = 1
     """lorakit only (a lever); the TRL arm checkpoints every layer."""
+    torch_compile: bool = False
+    """lorakit only (a lever)."""
     r: int = 16
     lora_alpha: float = 32
     lora_dropout: float = 0.0

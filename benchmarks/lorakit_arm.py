@@ -2,13 +2,14 @@
 
     python benchmarks/lorakit_arm.py '<Spec JSON>' [LEVER ...]
 
-A LEVER turns one of lorakit's speed choices back off (or, `torch_compile`, one it does not
-make on), to measure what it is worth (see `LEVERS`); the recipe-level ones (dtype, threads,
-checkpointing, dropout) are Spec fields.
+A LEVER turns one of lorakit's speed choices back off, to measure what it is worth (see
+`LEVERS`); the recipe-level ones (dtype, threads, checkpointing, dropout, compile) are Spec
+fields.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -65,6 +66,7 @@ def recipe_dict(
             "optimizer": spec.optimizer,
             "gradient_checkpointing": spec.gradient_checkpointing,
             "checkpoint_every_n_layers": spec.checkpoint_every_n_layers,
+            "torch_compile": spec.torch_compile,
             "seed": spec.seed,
             "logging_steps": 1,
         },
@@ -143,33 +145,6 @@ def full_logits() -> None:
     lorakit.train.TokenNLL = FullLogits
 
 
-def torch_compile() -> None:
-    """Turns compilation ON (it is off in lorakit): every decoder layer through
-    `torch.compile` (regional compilation: one graph serves all layers of a class). Run it
-    with `non_reentrant_checkpointing` and `no_shared_prefix`: a re-entrant checkpoint, or the
-    shared-prefix attention (its layout is Python data), breaks the layer's graph, and the
-    layer then runs eager."""
-    import os
-
-    import lorakit.peft_setup
-    import lorakit.train
-
-    # A cold start, as a recipe's first run has: no kernels from an earlier compilation.
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-inductor-")
-    build = lorakit.peft_setup.build_trainable_model
-
-    def build_compiled(*args, **kwargs):
-        model, summary = build(*args, **kwargs)
-        base = model.get_base_model()
-        layer_classes = set(base._no_split_modules or ())
-        for module in base.modules():
-            if type(module).__name__ in layer_classes:
-                module.compile(dynamic=True)
-        return model, summary
-
-    lorakit.train.build_trainable_model = build_compiled
-
-
 LEVERS = {
     "no_fast_lora": no_fast_lora,
     "fp32_embeddings": fp32_embeddings,
@@ -178,13 +153,14 @@ LEVERS = {
     "no_group_by_length": None,  # a recipe key
     "no_shared_prefix": None,  # a recipe key
     "non_reentrant_checkpointing": non_reentrant_checkpointing,
-    "torch_compile": torch_compile,
 }
 
 
 def main(spec: Spec, levers: list[str]) -> None:
     setup_started = time.perf_counter()
     set_threads(spec)
+    if spec.torch_compile:  # a cold start, as a recipe's first run has: no cached kernels
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-inductor-")
     profiler = StepProfiler() if "--profile" in levers else None
     levers = [lever for lever in levers if lever != "--profile"]
     for lever in levers:

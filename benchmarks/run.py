@@ -264,9 +264,9 @@ LEVER_RUNS = [
         [],
     ),
     (
-        "torch.compile of every decoder layer, non-re-entrant checkpointing, no shared prefix",
-        {},
-        ["torch_compile", "non_reentrant_checkpointing", "no_shared_prefix"],
+        "train.torch_compile: true (non-re-entrant checkpointing, no shared prefix)",
+        {"torch_compile": True},
+        [],
     ),
     (
         "non-re-entrant checkpointing, no shared prefix (the row above without compiling)",

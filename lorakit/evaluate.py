@@ -60,6 +60,7 @@ def evaluate_loss(loss_module: nn.Module, loader: DataLoader, accelerator: Accel
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # a compiled training model evaluates eager
 def evaluate_loss_and_tokens(
     loss_module: nn.Module, loader: DataLoader, accelerator: Accelerator
 ) -> tuple[float, int]:
@@ -95,6 +96,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # decoding shapes would recompile a compiled model
 def greedy_continuations(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,

@@ -211,6 +211,8 @@ class ModelSummary:
     layers: str
     shared_prefix: str = "off"
     """`on`, or `off` with the reason (`lorakit.shared_prefix`)."""
+    compiled: str = "off"
+    """What `train.torch_compile` compiled."""
 
     @property
     def trainable_percent(self) -> float:
@@ -230,6 +232,7 @@ class ModelSummary:
             ("target modules", ", ".join(self.target_modules)),
             ("layers", self.layers),
             ("shared prompt prefix", self.shared_prefix),
+            ("torch.compile", self.compiled),
         ]
 
 
@@ -240,13 +243,23 @@ def describe_quantization(quant: QuantSection) -> str:
     return f"4-bit {quant.bnb_4bit_quant_type}{double}"
 
 
-def enable_checkpointing(model: PreTrainedModel, every_n_layers: int, sharded: bool) -> None:
+def enable_checkpointing(model: PreTrainedModel, every_n_layers: int, reentrant: bool) -> None:
     """transformers' activation checkpointing of every (or every n-th) decoder layer; it also
     makes the embeddings' output require grad, which re-entrant checkpointing needs."""
     model.activation_checkpointing_enable(
-        activation_checkpointing_kwargs={"use_reentrant": REENTRANT_CHECKPOINTING and not sharded},
+        activation_checkpointing_kwargs={"use_reentrant": reentrant},
         every_n_layers=every_n_layers,
     )
+
+
+def compile_decoder_layers(model: PreTrainedModel) -> int:
+    """`torch.compile` each decoder layer (the classes the model names unsplittable): one
+    graph serves every layer of a class. Returns the number of layers compiled."""
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def build_trainable_model(
@@ -262,7 +275,9 @@ def build_trainable_model(
     if recipe.quant.load_in_4bit and not sharded:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if recipe.train.gradient_checkpointing:
-        enable_checkpointing(model, recipe.train.checkpoint_every_n_layers, sharded)
+        # A re-entrant checkpoint hides the layer from the compiler (it would run eager).
+        reentrant = REENTRANT_CHECKPOINTING and not sharded and not recipe.train.torch_compile
+        enable_checkpointing(model, recipe.train.checkpoint_every_n_layers, reentrant)
     model.config.use_cache = False
     try:
         peft_model = get_peft_model(
@@ -274,7 +289,13 @@ def build_trainable_model(
         keep_frozen_embeddings_in(peft_model.get_base_model(), dtype)
     enable_fast_lora(peft_model, dtype)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    shared_prefix = enable_shared_prefix(peft_model.get_base_model(), recipe.data, sharded)
+    compiled = "off"
+    if recipe.train.torch_compile:
+        # Its layout is Python data: a compiled layer would break its graph there and run eager.
+        shared_prefix = "off (train.torch_compile)" if recipe.data.shared_prefix else "off"
+        compiled = f"{compile_decoder_layers(peft_model.get_base_model())} decoder layers"
+    else:
+        shared_prefix = enable_shared_prefix(peft_model.get_base_model(), recipe.data, sharded)
     layers = recipe.lora.layers_to_transform
     summary = ModelSummary(
         base_parameters=total - trainable,
@@ -284,5 +305,6 @@ def build_trainable_model(
         target_modules=targets,
         layers="all" if layers is None else ", ".join(map(str, layers)),
         shared_prefix=shared_prefix,
+        compiled=compiled,
     )
     return peft_model, summary

@@ -234,6 +234,10 @@ class TrainSection(_Section):
     checkpoint_every_n_layers: PositiveInt = 1
     """With gradient checkpointing, checkpoint only every n-th decoder layer (transformers'
     `every_n_layers`); the others keep their activations: faster, more memory. 1: all."""
+    torch_compile: bool = False
+    """Compile every decoder layer with `torch.compile` for the training steps (evaluation and
+    generation stay eager): faster steps once compiled, after a first compilation of about a
+    minute, so for long runs. Uses non-re-entrant checkpointing; no shared prompt prefix."""
     eval_steps: PositiveInt | None = None
     """Evaluate every N optimizer steps (always before the first and after the last)."""
     save_steps: PositiveInt | None = None

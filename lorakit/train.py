@@ -572,6 +572,8 @@ def _check_fsdp_recipe(recipe: Recipe) -> None:
             f"train.optimizer: {recipe.train.optimizer} cannot be checkpointed under FSDP; use "
             "adamw_torch"
         )
+    if recipe.train.torch_compile:
+        raise LorakitError("train.torch_compile: not supported under FSDP yet; set it to false")
 
 
 def _load_optimizer_state(

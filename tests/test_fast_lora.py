@@ -162,3 +162,21 @@ def test_fused_layer_compiles_to_the_same_output_and_gradients():
     for got in results:
         for value, want in zip(got, (reference.detach(), x.grad, a.grad, b.grad), strict=True):
             assert torch.allclose(value, want, rtol=1e-5, atol=1e-4)
+
+
+def test_compiled_layers_keep_loss_and_gradients(tiny_model, write_recipe):
+    """`train.torch_compile`: the compiled decoder layers (non-re-entrant checkpointing) give
+    the loss and every LoRA gradient of the eager model."""
+    model_dir = tiny_model("llama")
+    compiled = load_recipe(write_recipe(model_dir, quant=FP32, train={"torch_compile": True}))
+    eager = load_recipe(write_recipe(model_dir, quant=FP32))
+    _, summary = build_trainable_model(compiled, compiled.model.name_or_path, torch.device("cpu"))
+    assert summary.compiled == "2 decoder layers"
+    assert summary.shared_prefix == "off (train.torch_compile)"
+    compiled_loss, compiled_grads = loss_and_gradients(compiled, fast=True)
+    eager_loss, eager_grads = loss_and_gradients(eager, fast=True)
+    assert compiled_loss == pytest.approx(eager_loss, abs=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys() and len(compiled_grads) == 2 * 2 * 7
+    for name, grad in compiled_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(grad, eager_grads[name], atol=1e-5, rtol=1e-3), name

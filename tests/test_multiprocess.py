@@ -93,6 +93,11 @@ def test_two_processes_match_one_process_with_twice_the_micro_batch(tiny_model, 
              "train.optimizer=paged_adamw_8bit"],
             "train.optimizer: paged_adamw_8bit cannot be checkpointed under FSDP",
         ),
+        (
+            ["quant.bnb_4bit_compute_dtype=bfloat16", "quant.bnb_4bit_quant_storage=bfloat16",
+             "train.optimizer=adamw_torch", "train.torch_compile=true"],
+            "train.torch_compile: not supported under FSDP",
+        ),
     ],
 )  # fmt: skip
 def test_fsdp_qlora_recipe_needs_matching_storage_dtype(overrides, message, write_recipe, tmp_path):
