@@ -263,16 +263,7 @@ LEVER_RUNS = [
         {"checkpoint_every_n_layers": 2},
         [],
     ),
-    (
-        "train.torch_compile: true (non-re-entrant checkpointing, no shared prefix)",
-        {"torch_compile": True},
-        [],
-    ),
-    (
-        "non-re-entrant checkpointing, no shared prefix (the row above without compiling)",
-        {},
-        ["non_reentrant_checkpointing", "no_shared_prefix"],
-    ),
+    ("train.torch_compile: true (with non-re-entrant checkpointing)", {"torch_compile": True}, []),
 ]
 
 

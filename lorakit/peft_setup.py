@@ -289,13 +289,10 @@ def build_trainable_model(
         keep_frozen_embeddings_in(peft_model.get_base_model(), dtype)
     enable_fast_lora(peft_model, dtype)
     trainable, total = peft_model.get_nb_trainable_parameters()
+    shared_prefix = enable_shared_prefix(peft_model.get_base_model(), recipe.data, sharded)
     compiled = "off"
-    if recipe.train.torch_compile:
-        # Its layout is Python data: a compiled layer would break its graph there and run eager.
-        shared_prefix = "off (train.torch_compile)" if recipe.data.shared_prefix else "off"
+    if recipe.train.torch_compile:  # after the shared-prefix check, which runs eager
         compiled = f"{compile_decoder_layers(peft_model.get_base_model())} decoder layers"
-    else:
-        shared_prefix = enable_shared_prefix(peft_model.get_base_model(), recipe.data, sharded)
     layers = recipe.lora.layers_to_transform
     summary = ModelSummary(
         base_parameters=total - trainable,

@@ -237,7 +237,7 @@ class TrainSection(_Section):
     torch_compile: bool = False
     """Compile every decoder layer with `torch.compile` for the training steps (evaluation and
     generation stay eager): faster steps once compiled, after a first compilation of about a
-    minute, so for long runs. Uses non-re-entrant checkpointing; no shared prompt prefix."""
+    minute, so for long runs. Uses non-re-entrant checkpointing."""
     eval_steps: PositiveInt | None = None
     """Evaluate every N optimizer steps (always before the first and after the last)."""
     save_steps: PositiveInt | None = None

@@ -29,11 +29,12 @@ def chat_examples(prefix: int = 9) -> list[Example]:
 def test_collate_lays_out_the_prefix_once():
     examples = chat_examples(prefix=9)
     batch = collate(examples, pad_token_id=0, share_prefix=True)
-    assert batch["segments"].tolist() == [9] + [len(e.input_ids) - 9 for e in examples]
     row = batch["input_ids"][0].tolist()
     assert row[:9] == examples[0].input_ids[:9]
     start = 9
-    for example in examples:
+    longest_first = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)
+    assert batch["segments"].tolist() == [9] + [len(e.input_ids) - 9 for e in longest_first]
+    for example in longest_first:
         own = example.input_ids[9:]
         assert row[start : start + len(own)] == own
         assert batch["position_ids"][0, start : start + len(own)].tolist() == list(
@@ -66,13 +67,18 @@ def loss_and_gradients(model, batch):
 
 
 @pytest.mark.parametrize(
-    ("arch", "quant"),
-    [("llama", {"load_in_4bit": True}), ("llama", {"load_in_4bit": False}), ("qwen2", {})],
+    ("arch", "quant", "train"),
+    [
+        ("llama", {"load_in_4bit": True}, {}),
+        ("llama", {"load_in_4bit": False}, {}),
+        ("qwen2", {}, {}),
+        ("llama", {"load_in_4bit": True}, {"torch_compile": True}),  # compiled layers
+    ],
 )
 def test_shared_batch_gives_the_padded_batchs_loss_and_gradients(
-    tiny_model, write_recipe, arch, quant
+    tiny_model, write_recipe, arch, quant, train
 ):
-    recipe = load_recipe(write_recipe(tiny_model(arch), quant={**FP32, **quant}))
+    recipe = load_recipe(write_recipe(tiny_model(arch), quant={**FP32, **quant}, train=train))
     torch.manual_seed(0)
     model, summary = build_trainable_model(recipe, recipe.model.name_or_path, torch.device("cpu"))
     assert summary.shared_prefix == "on"

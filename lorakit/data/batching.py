@@ -110,12 +110,13 @@ def trainable_shared_prefix(examples: Sequence[Example]) -> int:
 
 
 def collate_shared(examples: Sequence[Example], prefix: int) -> dict[str, torch.Tensor]:
-    """One row: the `prefix` tokens once, then each example's remaining tokens, with positions
+    """One row: the `prefix` tokens once, then each example's remaining tokens (longest first:
+    a compiled attention then sees the same size order in every batch), with positions
     continuing the prefix's; `segments` holds [prefix, own length of each example]."""
     input_ids, labels = list(examples[0].input_ids[:prefix]), list(examples[0].labels[:prefix])
     positions = list(range(prefix))
     segments = [prefix]
-    for example in examples:
+    for example in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
         own = len(example.input_ids) - prefix
         input_ids += example.input_ids[prefix:]
         labels += example.labels[prefix:]
