@@ -38,6 +38,17 @@ def loss_and_gradients(recipe, fast: bool):
     return (nll / tokens).item(), grads
 
 
+def assert_same_loss_and_gradients(got, want, loss_abs, atol, rtol):
+    """Both (loss, grads) from `loss_and_gradients`: equal losses, and every LoRA weight of the
+    tiny model (2 layers x 7 modules x A, B) gets a non-zero gradient equal to the other's."""
+    (got_loss, got_grads), (want_loss, want_grads) = got, want
+    assert got_loss == pytest.approx(want_loss, abs=loss_abs)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) == 2 * 2 * 7
+    for name, grad in got_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(grad, want_grads[name], atol=atol, rtol=rtol), name
+
+
 @pytest.mark.parametrize("load_in_4bit", [True, False])
 def test_fused_layers_match_peft_loss_and_gradients(tiny_model, write_recipe, load_in_4bit):
     quant = {**FP32, "load_in_4bit": load_in_4bit}
@@ -65,13 +76,13 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(
     model, _ = build_trainable_model(on, on.model.name_or_path, torch.device("cpu"))
     flags = [layer.gradient_checkpointing for layer in model.get_base_model().model.layers]
     assert flags == [True, every_n == 1]  # the tiny model's two layers
-    on_loss, on_grads = loss_and_gradients(on, fast=True)
-    off_loss, off_grads = loss_and_gradients(off, fast=True)
-    assert on_loss == pytest.approx(off_loss, abs=1e-6)
-    assert on_grads.keys() == off_grads.keys() and len(on_grads) == 2 * 2 * 7
-    for name, grad in on_grads.items():
-        assert grad.abs().sum() > 0, name
-        assert torch.allclose(grad, off_grads[name], atol=1e-6, rtol=1e-4), name
+    assert_same_loss_and_gradients(
+        loss_and_gradients(on, fast=True),
+        loss_and_gradients(off, fast=True),
+        loss_abs=1e-6,
+        atol=1e-6,
+        rtol=1e-4,
+    )
 
 
 def count_fused_calls(monkeypatch) -> list[int]:
@@ -172,10 +183,10 @@ def test_compiled_layers_keep_loss_and_gradients(tiny_model, write_recipe):
     eager = load_recipe(write_recipe(model_dir, quant=FP32))
     _, summary = build_trainable_model(compiled, compiled.model.name_or_path, torch.device("cpu"))
     assert summary.compiled == "2 decoder layers"
-    compiled_loss, compiled_grads = loss_and_gradients(compiled, fast=True)
-    eager_loss, eager_grads = loss_and_gradients(eager, fast=True)
-    assert compiled_loss == pytest.approx(eager_loss, abs=1e-5)
-    assert compiled_grads.keys() == eager_grads.keys() and len(compiled_grads) == 2 * 2 * 7
-    for name, grad in compiled_grads.items():
-        assert grad.abs().sum() > 0, name
-        assert torch.allclose(grad, eager_grads[name], atol=1e-5, rtol=1e-3), name
+    assert_same_loss_and_gradients(
+        loss_and_gradients(compiled, fast=True),
+        loss_and_gradients(eager, fast=True),
+        loss_abs=1e-5,
+        atol=1e-5,
+        rtol=1e-3,
+    )
