@@ -126,11 +126,18 @@ def keep_frozen_embeddings_in(model: torch.nn.Module, dtype: torch.dtype) -> Non
     input to its own dtype, so every forward (generation included) still works."""
     if dtype != torch.bfloat16:
         return
+    embeddings = model.get_input_embeddings()
+    stream_dtype = embeddings.weight.dtype
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         module = getattr(model, getter)()
         if module is None or module.weight.requires_grad or module.weight.dtype == dtype:
             continue
         module.weight.data = module.weight.data.to(dtype)
+    if stream_dtype != embeddings.weight.dtype:
+        # The hidden states enter the first layer in the dtype every later layer gets (bf16 ->
+        # fp32 is exact), so a compiled layer has one input dtype, and the first layer's norm
+        # keeps fp32 precision as every later one does (it rounded its output to bf16).
+        embeddings.register_forward_hook(_cast_output_to(stream_dtype))
     head = model.get_output_embeddings()
     if head is not None and not head.weight.requires_grad:
         head.register_forward_pre_hook(_cast_input_to_weight_dtype)
@@ -138,6 +145,13 @@ def keep_frozen_embeddings_in(model: torch.nn.Module, dtype: torch.dtype) -> Non
 
 def _cast_input_to_weight_dtype(module: torch.nn.Module, args: tuple) -> tuple:
     return (args[0].to(module.weight.dtype), *args[1:])
+
+
+def _cast_output_to(dtype: torch.dtype):
+    def cast(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output.to(dtype)
+
+    return cast
 
 
 def linear_modules(model: PreTrainedModel) -> dict[str, str]:

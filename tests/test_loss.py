@@ -68,9 +68,18 @@ def test_bf16_compute_keeps_frozen_embeddings_in_bf16_and_still_generates(tiny_m
     assert isinstance(answer, str)
     tokenizer = load_tokenizer(str(model_dir))
     batch = collate(prepare_data(recipe, tokenizer).train[:2], tokenizer.pad_token_id)
+    entering = []  # every decoder layer gets the hidden states in one dtype (one compiled graph)
+    for layer in base.model.layers:
+        layer.register_forward_pre_hook(
+            lambda module, args, kwargs: entering.append(
+                (args[0] if args else kwargs["hidden_states"]).dtype
+            ),
+            with_kwargs=True,
+        )
     nll, tokens = TokenNLL(model)(**batch)
     nll.backward()
     assert torch.isfinite(nll) and int(tokens) > 0
+    assert set(entering) == {torch.float32} and len(entering) >= len(base.model.layers)
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
     assert all(g is not None and torch.isfinite(g).all() for g in lora_grads)
 
