@@ -21,6 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "RESULT "
 
 
+WARM_CACHE_ENV = "LORAKIT_BENCH_KERNEL_CACHE"
+"""The inductor cache folder an earlier run filled (lever `warm_kernel_cache`)."""
+
+
 @dataclass(frozen=True)
 class Spec:
     """One QLoRA recipe, the same for both arms."""
