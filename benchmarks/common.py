@@ -175,7 +175,8 @@ def heldout_loss(model, tokenizer, spec: Spec) -> tuple[float, float]:
     examples, _ = tokenize_rows(rows, tokenizer, spec.max_seq_len, "completions")
     loss_module = TokenNLL(model).eval()
     per_example = []
-    with torch.no_grad():
+    # Eager: a compiled model (train.torch_compile) would otherwise compile a no-grad graph.
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         for example in examples:
             nll, count = loss_module(**collate([example], tokenizer.pad_token_id))
             per_example.append((float(nll), int(count)))
