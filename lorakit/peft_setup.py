@@ -5,6 +5,7 @@ The only module that builds `BitsAndBytesConfig` and `LoraConfig`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -147,7 +148,7 @@ def _cast_input_to_weight_dtype(module: torch.nn.Module, args: tuple) -> tuple:
     return (args[0].to(module.weight.dtype), *args[1:])
 
 
-def _cast_output_to(dtype: torch.dtype):
+def _cast_output_to(dtype: torch.dtype) -> Callable[..., torch.Tensor]:
     def cast(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return output.to(dtype)
 
