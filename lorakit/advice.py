@@ -5,9 +5,14 @@ The thresholds come from the LoRA/QLoRA papers and common practice; each message
 
 from __future__ import annotations
 
+import math
+
 from lorakit.recipe import Recipe
 
 SMALL_DATASET_EXAMPLES = 2_000
+COMPILE_PAYS_OFF_MICRO_BATCHES = 200
+"""`train.torch_compile` measured on 2 CPU cores: ~35 s to compile, ~0.17 s saved per
+micro-batch of the benchmark recipe (README, Performance)."""
 
 
 def recipe_advice(recipe: Recipe) -> list[str]:
@@ -51,5 +56,16 @@ def data_advice(
             f"lora.r = {recipe.lora.r} gives {trainable_parameters:,} trainable parameters for "
             f"{trained_tokens:,} trained tokens: far more capacity than the data needs; "
             "a smaller r trains as well, faster"
+        )
+    train = recipe.train
+    if train.max_steps:
+        micro_batches = train.max_steps * train.gradient_accumulation_steps
+    else:
+        micro_batches = math.ceil(examples * train.epochs / train.micro_batch_size)
+    if train.torch_compile and micro_batches < COMPILE_PAYS_OFF_MICRO_BATCHES:
+        notes.append(
+            f"train.torch_compile on a run of {micro_batches} micro-batches: the first step "
+            "compiles the decoder layers (~35 s on 2 CPU cores), which takes longer than the "
+            f"compiled steps save before ~{COMPILE_PAYS_OFF_MICRO_BATCHES} micro-batches"
         )
     return notes

@@ -83,3 +83,14 @@ def test_advice_on_regularization_and_rank_versus_data(tmp_path):
     assert data_advice(regularized, 100, 10_000, 400_000) == []
     notes = data_advice(regularized, 100, 10_000, 5_000_000)
     assert len(notes) == 1 and "far more capacity" in notes[0]
+
+
+def test_advice_on_compiling_a_short_run(tmp_path):
+    compiled = {"weight_decay": 0.01, "torch_compile": True, "micro_batch_size": 4}
+    notes = data_advice(recipe_with(tmp_path, train=compiled), 100, 10_000, 400_000)
+    assert len(notes) == 1 and "a run of 25 micro-batches" in notes[0]
+    capped = recipe_with(tmp_path, train={**compiled, "max_steps": 3})
+    assert "a run of 12 micro-batches" in data_advice(capped, 100_000, 10**6, 400_000)[0]
+    assert data_advice(recipe_with(tmp_path, train=compiled), 5_000, 10**6, 400_000) == []
+    eager = recipe_with(tmp_path, train={"weight_decay": 0.01})
+    assert data_advice(eager, 100, 10_000, 400_000) == []
