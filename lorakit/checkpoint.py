@@ -39,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 from lorakit.data.pipeline import PreparedData
 from lorakit.data.sources import source_fingerprint
 from lorakit.errors import LorakitError
+from lorakit.models import ResolvedModel, resolve_model
 from lorakit.recipe import Recipe
 
 RECIPE_FILE = "recipe.resolved.yaml"
@@ -129,6 +130,42 @@ def adapter_folder_in(path: Path) -> Path | None:
         if (folder / ADAPTER_CONFIG).is_file():
             return folder
     return None
+
+
+def adapter_provenance(adapter_dir: Path) -> dict[str, Any]:
+    """lorakit's provenance of an adapter: in its folder (older runs: at the run's root); {}
+    for an adapter from elsewhere."""
+    for folder in (adapter_dir, adapter_dir.parent):
+        if (folder / PROVENANCE_FILE).is_file():
+            return read_json(folder / PROVENANCE_FILE)
+    return {}
+
+
+def recorded_base(adapter_dir: Path) -> tuple[str | None, dict[str, Any]]:
+    """How an adapter's base model was named, and what lorakit recorded of it (reference,
+    kind, location; {} for an adapter from elsewhere, named by PEFT's base_model_name_or_path)."""
+    base = adapter_provenance(adapter_dir).get("base_model", {})
+    config = read_json(adapter_dir / ADAPTER_CONFIG)
+    return base.get("reference") or config.get("base_model_name_or_path"), base
+
+
+def resolve_adapter_base(adapter_dir: Path) -> ResolvedModel:
+    """The base model every command loads an adapter on: the folder lorakit loaded it from in
+    training while that folder still exists (so a relative path works from anywhere), else
+    the name it was given, resolved again (an alias or a .gguf is converted again)."""
+    reference, recorded = recorded_base(adapter_dir)
+    if not reference:
+        raise LorakitError(f"{adapter_dir}: the adapter does not name its base model")
+    location = recorded.get("location")
+    if location and recorded.get("kind") != "hub" and Path(location, "config.json").is_file():
+        return ResolvedModel(reference, location, recorded.get("kind", "folder"))
+    try:
+        return resolve_model(reference)
+    except LorakitError as exc:
+        raise LorakitError(
+            f"{adapter_dir}: the adapter's base model {reference!r} cannot be found: "
+            + str(exc).removeprefix("model.name_or_path: ")
+        ) from None
 
 
 def tokenizer_location(adapter_dir: Path | None, base_location: str) -> str:

@@ -39,7 +39,10 @@ from lorakit.checkpoint import (
     PROVENANCE_FILE,
     RECIPE_FILE,
     adapter_folder_in,
+    adapter_provenance,
     atomic_dir,
+    recorded_base,
+    resolve_adapter_base,
     tokenizer_location,
     write_json,
 )
@@ -118,11 +121,7 @@ class Adapter:
 
     @property
     def base_reference(self) -> str | None:
-        if self.recipe is not None:
-            return self.recipe.model.name_or_path
-        return self.provenance.get("base_model", {}).get("reference") or self.config.get(
-            "base_model_name_or_path"
-        )
+        return recorded_base(self.folder)[0]
 
     @property
     def target_modules(self) -> list[str]:
@@ -194,13 +193,8 @@ def read_adapter(path: Path) -> Adapter:
     recipe_file = next(
         (d / RECIPE_FILE for d in (folder, folder.parent) if (d / RECIPE_FILE).is_file()), None
     )
-    provenance_file = next(
-        (d / PROVENANCE_FILE for d in (folder, folder.parent) if (d / PROVENANCE_FILE).is_file()),
-        None,
-    )
     recipe = load_recipe(recipe_file) if recipe_file else None
-    provenance = json.loads(provenance_file.read_text(encoding="utf-8")) if provenance_file else {}
-    return Adapter(folder, config, recipe, provenance)
+    return Adapter(folder, config, recipe, adapter_provenance(folder))
 
 
 def parse_weights(text: str | None) -> tuple[float, ...] | None:
@@ -317,18 +311,15 @@ def _setting(adapter: Adapter, key: str) -> Any:
 
 
 def resolve_base(adapter: Adapter, override: str | None) -> ResolvedModel:
-    reference = override or adapter.base_reference
-    if not reference:
-        raise LorakitError(
-            f"{adapter.folder}: no base model recorded with the adapter; pass --base-model"
-        )
+    if override:
+        try:
+            return resolve_model(override)
+        except LorakitError as exc:
+            raise LorakitError(f"--base-model: {str(exc).split(': ', 1)[-1]}") from None
     try:
-        return resolve_model(reference)
+        return resolve_adapter_base(adapter.folder)
     except LorakitError as exc:
-        raise LorakitError(
-            f"{adapter.folder}: base model {reference!r}: {str(exc).split(': ', 1)[-1]} "
-            "(pass --base-model to load it from elsewhere)"
-        ) from None
+        raise LorakitError(f"{exc} (pass --base-model to load it from elsewhere)") from None
 
 
 def _dims(module: nn.Module) -> tuple[int, int] | None:

@@ -14,7 +14,6 @@ with the tokenizer and chat template saved next to it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from lorakit.checkpoint import (
     PROVENANCE_FILE,
     RECIPE_FILE,
     adapter_folder_in,
+    resolve_adapter_base,
     tokenizer_location,
 )
 from lorakit.errors import LorakitError
@@ -103,34 +103,8 @@ def _adapter_target(reference: str, adapter_dir: Path) -> Target:
     recipe = None
     if (adapter_dir / RECIPE_FILE).is_file():
         recipe = load_recipe(adapter_dir / RECIPE_FILE)
-    base_reference, base_location = _adapter_base(adapter_dir)
-    if base_location is None:
-        try:
-            base_location = resolve_model(base_reference).location
-        except LorakitError as exc:
-            raise LorakitError(
-                f"{reference}: the adapter's base model {base_reference!r} cannot be found: "
-                + str(exc).removeprefix("model.name_or_path: ")
-            ) from None
-    return Target(reference, "adapter", base_location, adapter_dir, recipe, base_reference)
-
-
-def _adapter_base(adapter_dir: Path) -> tuple[str, str | None]:
-    """The base model an adapter was trained on: lorakit's provenance first (its resolved
-    location still exists unless the base moved), else PEFT's `base_model_name_or_path`."""
-    provenance = adapter_dir / PROVENANCE_FILE
-    if provenance.is_file():
-        base = json.loads(provenance.read_text(encoding="utf-8")).get("base_model", {})
-        location = base.get("location")
-        if location and base.get("kind") != "hub" and Path(location, "config.json").is_file():
-            return base.get("reference", location), location
-        if base.get("reference"):
-            return base["reference"], None
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    base_reference = config.get("base_model_name_or_path")
-    if not base_reference:
-        raise LorakitError(f"{adapter_dir}: the adapter does not name its base model")
-    return base_reference, None
+    base = resolve_adapter_base(adapter_dir)
+    return Target(reference, "adapter", base.location, adapter_dir, recipe, base.reference)
 
 
 @dataclass

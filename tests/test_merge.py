@@ -3,6 +3,7 @@ bases, the output folder, and bad input."""
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,19 @@ from typer.testing import CliRunner
 
 from lorakit.checkpoint import PROVENANCE_FILE, RECIPE_FILE, save_adapter
 from lorakit.cli import app
-from lorakit.merge import MergeOptions, VerifyReport, attach_adapters, merge, read_adapter
+from lorakit.errors import LorakitError
+from lorakit.merge import (
+    MergeOptions,
+    VerifyReport,
+    attach_adapters,
+    merge,
+    read_adapter,
+    resolve_base,
+)
 from lorakit.models import load_tokenizer, resolve_model
 from lorakit.peft_setup import build_trainable_model
 from lorakit.recipe import load_recipe
+from lorakit.targets import resolve_target
 from lorakit.train import provenance, train
 from tests.conftest import FP32, build_config, build_tokenizer, load_adapter_as_trained, recipe_file
 from tests.test_cli import assert_one_error_line
@@ -336,6 +346,45 @@ def test_existing_output_needs_force(trained_run, tmp_path):
     assert code == 0, err
     assert not (out / "precious.txt").exists()
     assert (out / "model.safetensors").is_file()
+
+
+def test_merge_and_eval_find_an_adapters_base_the_same_way(second_run, tmp_path):
+    """The folder the base was loaded from in training, while it exists (a relative name then
+    works from any working directory); else the name, resolved again; else one clear error."""
+    run = shutil.copytree(second_run, tmp_path / "run")
+    record = run / "adapter" / PROVENANCE_FILE
+    info = json.loads(record.read_text())
+    location = info["base_model"]["location"]
+
+    def rewrite(**base):
+        info["base_model"].update(base)
+        record.write_text(json.dumps(info))
+
+    def both():
+        return resolve_base(read_adapter(run), None), resolve_target(str(run))
+
+    rewrite(reference="./models/tiny")  # relative to a working directory we are not in
+    merged_base, target = both()
+    assert merged_base.location == target.model_location == location
+    assert merged_base.reference == target.base_reference == "./models/tiny"
+    rewrite(reference=location, location=str(tmp_path / "moved"))
+    merged_base, target = both()
+    assert merged_base.location == target.model_location == location
+    rewrite(reference="./models/tiny")
+    for lookup in (lambda: resolve_base(read_adapter(run), None), lambda: both()[1]):
+        with pytest.raises(LorakitError, match=r"base model './models/tiny' cannot be found"):
+            lookup()
+    with pytest.raises(LorakitError, match="pass --base-model"):
+        resolve_base(read_adapter(run), None)
+    assert resolve_base(read_adapter(run), location).location == location
+    record.unlink()
+    config_file = run / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("base_model_name_or_path", None)
+    config_file.write_text(json.dumps(config))
+    for lookup in (lambda: resolve_base(read_adapter(run), None), lambda: both()[1]):
+        with pytest.raises(LorakitError, match="does not name its base model"):
+            lookup()
 
 
 # --- bad input: one error line, exit 2, nothing written ----------------------------------
