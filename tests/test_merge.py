@@ -427,6 +427,10 @@ def test_bad_input_is_one_line_and_writes_nothing(trained_run, second_run, tiny_
             ["--density", "ties needs"],
         ),
         ([trained_run, "--base-model", narrow], ["does not fit", "hidden size 32"]),
+        (
+            [trained_run, "--base-model", tmp_path / "no-base"],
+            ["--base-model", "no-base", "is not a local model folder"],
+        ),
         ([trained_run, "--base-model", tiny_model("gpt2")], ["GPT2LMHeadModel", "no layer"]),
         ([trained_run, "--base-model", small_vocab], ["vocabulary of 100"]),
         ([trained_run, "--adapter", qwen], ["different bases", "tiny-qwen2"]),
