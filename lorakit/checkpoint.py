@@ -141,19 +141,21 @@ def adapter_provenance(adapter_dir: Path) -> dict[str, Any]:
     return {}
 
 
-def recorded_base(adapter_dir: Path) -> tuple[str | None, dict[str, Any]]:
-    """How an adapter's base model was named, and what lorakit recorded of it (reference,
-    kind, location; {} for an adapter from elsewhere, named by PEFT's base_model_name_or_path)."""
-    base = adapter_provenance(adapter_dir).get("base_model", {})
-    config = read_json(adapter_dir / ADAPTER_CONFIG)
-    return base.get("reference") or config.get("base_model_name_or_path"), base
+def base_reference_of(provenance: dict[str, Any], peft_config: dict[str, Any]) -> str | None:
+    """How an adapter's base model was named: in lorakit's provenance, else (an adapter from
+    elsewhere) PEFT's base_model_name_or_path."""
+    return provenance.get("base_model", {}).get("reference") or peft_config.get(
+        "base_model_name_or_path"
+    )
 
 
 def resolve_adapter_base(adapter_dir: Path) -> ResolvedModel:
     """The base model every command loads an adapter on: the folder lorakit loaded it from in
     training while that folder still exists (so a relative path works from anywhere), else
     the name it was given, resolved again (an alias or a .gguf is converted again)."""
-    reference, recorded = recorded_base(adapter_dir)
+    provenance = adapter_provenance(adapter_dir)
+    reference = base_reference_of(provenance, read_json(adapter_dir / ADAPTER_CONFIG))
+    recorded = provenance.get("base_model", {})
     if not reference:
         raise LorakitError(f"{adapter_dir}: the adapter does not name its base model")
     location = recorded.get("location")

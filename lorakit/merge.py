@@ -41,7 +41,7 @@ from lorakit.checkpoint import (
     adapter_folder_in,
     adapter_provenance,
     atomic_dir,
-    recorded_base,
+    base_reference_of,
     resolve_adapter_base,
     tokenizer_location,
     write_json,
@@ -121,7 +121,7 @@ class Adapter:
 
     @property
     def base_reference(self) -> str | None:
-        return recorded_base(self.folder)[0]
+        return base_reference_of(self.provenance, self.config)
 
     @property
     def target_modules(self) -> list[str]:
