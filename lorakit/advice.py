@@ -5,9 +5,7 @@ The thresholds come from the LoRA/QLoRA papers and common practice; each message
 
 from __future__ import annotations
 
-import math
-
-from lorakit.recipe import Recipe
+from lorakit.recipe import Recipe, TrainSection
 
 SMALL_DATASET_EXAMPLES = 2_000
 COMPILE_PAYS_OFF_MICRO_BATCHES = 200
@@ -57,15 +55,16 @@ def data_advice(
             f"{trained_tokens:,} trained tokens: far more capacity than the data needs; "
             "a smaller r trains as well, faster"
         )
-    train = recipe.train
-    if train.max_steps:
-        micro_batches = train.max_steps * train.gradient_accumulation_steps
-    else:
-        micro_batches = math.ceil(examples * train.epochs / train.micro_batch_size)
-    if train.torch_compile and micro_batches < COMPILE_PAYS_OFF_MICRO_BATCHES:
-        notes.append(
-            f"train.torch_compile on a run of {micro_batches} micro-batches: the first step "
-            "compiles the decoder layers (~35 s on 2 CPU cores), which takes longer than the "
-            f"compiled steps save before ~{COMPILE_PAYS_OFF_MICRO_BATCHES} micro-batches"
-        )
     return notes
+
+
+def compile_advice(train: TrainSection, optimizer_steps: int) -> list[str]:
+    """`train.torch_compile` on a run too short for the compilation to pay off."""
+    micro_batches = optimizer_steps * train.gradient_accumulation_steps
+    if not train.torch_compile or micro_batches >= COMPILE_PAYS_OFF_MICRO_BATCHES:
+        return []
+    return [
+        f"train.torch_compile on a run of {micro_batches} micro-batches: the first step "
+        "compiles the decoder layers (~35 s on 2 CPU cores), which takes longer than the "
+        f"compiled steps save before ~{COMPILE_PAYS_OFF_MICRO_BATCHES} micro-batches"
+    ]

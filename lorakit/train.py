@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from lorakit.advice import data_advice, recipe_advice
+from lorakit.advice import compile_advice, data_advice, recipe_advice
 from lorakit.checkpoint import (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
@@ -318,6 +318,8 @@ def train(
         loss_module, build_optimizer(model, tcfg), train_loader, val_loader
     )
     total_steps = count_optimizer_steps(tcfg, len(train_loader))
+    for note in compile_advice(tcfg, total_steps):
+        say(f"[yellow]warning:[/yellow] {escape(note)}")
     # Not passed to `prepare`: Accelerate would step it once per process per optimizer step.
     scheduler = get_scheduler(
         tcfg.lr_scheduler_type,

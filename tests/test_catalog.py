@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lorakit.advice import data_advice, recipe_advice
+from lorakit.advice import compile_advice, data_advice, recipe_advice
 from lorakit.catalog import shipped_recipes
 from lorakit.cli import app
 from lorakit.recipe import load_recipe, recipe_reference
+from lorakit.train import count_optimizer_steps
 from lorakit.validate import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,11 +87,14 @@ def test_advice_on_regularization_and_rank_versus_data(tmp_path):
 
 
 def test_advice_on_compiling_a_short_run(tmp_path):
-    compiled = {"weight_decay": 0.01, "torch_compile": True, "micro_batch_size": 4}
-    notes = data_advice(recipe_with(tmp_path, train=compiled), 100, 10_000, 400_000)
-    assert len(notes) == 1 and "a run of 25 micro-batches" in notes[0]
-    capped = recipe_with(tmp_path, train={**compiled, "max_steps": 3})
-    assert "a run of 12 micro-batches" in data_advice(capped, 100_000, 10**6, 400_000)[0]
-    assert data_advice(recipe_with(tmp_path, train=compiled), 5_000, 10**6, 400_000) == []
-    eager = recipe_with(tmp_path, train={"weight_decay": 0.01})
-    assert data_advice(eager, 100, 10_000, 400_000) == []
+    """Counted from the optimizer steps the run will take (train.count_optimizer_steps)."""
+    settings = {"torch_compile": True, "gradient_accumulation_steps": 4}
+    compiled = recipe_with(tmp_path, train=settings)
+    notes = compile_advice(compiled.train, count_optimizer_steps(compiled.train, 24))
+    assert len(notes) == 1 and "a run of 24 micro-batches" in notes[0]
+    capped = recipe_with(tmp_path, train={**settings, "max_steps": 3})
+    steps = count_optimizer_steps(capped.train, 100_000)
+    assert "a run of 12 micro-batches" in compile_advice(capped.train, steps)[0]
+    assert compile_advice(compiled.train, count_optimizer_steps(compiled.train, 1_250)) == []
+    eager = recipe_with(tmp_path, train={"gradient_accumulation_steps": 4})
+    assert compile_advice(eager.train, count_optimizer_steps(eager.train, 24)) == []
