@@ -166,7 +166,8 @@ def test_csv_and_parquet_sources(tmp_path, tiny_model):
         rows = load_rows([DatasetSpec(path=str(tmp_path / name))])
         assert [fmt for _, fmt in rows] == ["alpaca", "alpaca"]
         assert rows[1][0].data["output"] == "bye"
-        assert rows[1][0].where == f"{tmp_path / name}: row 2"
+        where = f"{tmp_path / name}:3" if name.endswith(".csv") else f"{tmp_path / name}: row 2"
+        assert rows[1][0].where == where
 
 
 # --- every format ------------------------------------------------------------------------------

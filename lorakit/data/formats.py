@@ -41,6 +41,11 @@ ROLE_ALIASES = {
     "model": "assistant",
 }
 
+NO_CHAT_TEMPLATE = (
+    "chat data needs a tokenizer with a chat template; this model has none "
+    "(set data.chat_template, or use alpaca, prompt_completion or text data)"
+)
+
 # Used when the tokenizer has no chat template (base models such as GPT-2).
 PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 PLAIN_PROMPT_WITH_INPUT = (
@@ -85,6 +90,19 @@ def detect_format(rows: list[Row], columns: dict[str, str] | None = None) -> str
             if all(f in keys for f in fields):
                 return fmt
     keys = sorted(rows[0].data.keys())
+    present = set(rename_columns(rows[0].data, columns or {}))
+    partial = [
+        (fmt, [f for f in fields if f not in present])
+        for fmt, fields in _SIGNATURES
+        if len(fields) > 1 and any(f in present for f in fields)
+    ]
+    if partial:
+        fmt, missing = partial[0]
+        raise LorakitError(
+            f"{rows[0].where}: missing field {missing[0]!r}: the keys {keys} look like {fmt} "
+            f"data, which needs {' and '.join(repr(f) for f in dict(_SIGNATURES)[fmt])} "
+            "(or set format: and columns:)"
+        )
     raise LorakitError(
         f"{rows[0].where}: cannot tell the dataset format from keys {keys} "
         "(expected 'messages', 'conversations', 'instruction'+'output', 'prompt'+'completion', "
@@ -271,10 +289,7 @@ def chat_segments(
     `first_reply`: replies before this message index are context (a prompt/completion row whose
     prompt holds earlier turns), never trained unless `train_on: all`."""
     if tokenizer.chat_template is None:
-        raise LorakitError(
-            "chat data needs a tokenizer with a chat template; this model has none "
-            "(set data.chat_template, or use alpaca, prompt_completion or text data)"
-        )
+        raise LorakitError(NO_CHAT_TEMPLATE)
     segmenter = segmenter or ChatSegmenter(tokenizer)
     replies = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first_reply]
     if train_on == "last_turn":

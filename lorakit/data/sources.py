@@ -8,8 +8,11 @@ go through `datasets`.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,8 +77,10 @@ def _read_file(file: Path, path: str) -> list[Row]:
     if suffix == ".json":
         return _read_json(file)
     if suffix == ".txt":
-        return [Row({"text": file.read_text(encoding="utf-8")}, str(file))]
-    if suffix in (".csv", ".parquet", ".arrow"):
+        return [Row({"text": read_text(file)}, str(file))]
+    if suffix == ".csv":
+        return _read_csv(file)
+    if suffix in (".parquet", ".arrow"):
         return _rows_of(_read_table(file, suffix), str(file))
     raise LorakitError(
         f"{path}: unsupported dataset file type (use {', '.join(SUPPORTED_SUFFIXES)}, "
@@ -91,28 +96,69 @@ def _read_folder(folder: Path, path: str, split: str) -> list[Row]:
         raise LorakitError(
             f"{path}: the folder holds neither .txt files nor a dataset written by save_to_disk"
         )
-    return [Row({"text": file.read_text(encoding="utf-8")}, str(file)) for file in texts]
+    return [Row({"text": read_text(file)}, str(file)) for file in texts]
+
+
+def read_text(file: Path) -> str:
+    """A text file's contents as UTF-8, a leading byte-order mark dropped (Excel and Windows
+    editors write one). Anything else is one error line naming the line and column."""
+    raw = file.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        start = raw.rfind(b"\n", 0, exc.start) + 1
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise LorakitError(
+            f"{file}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+            f"{exc.start - start + 1}); re-save the file as UTF-8"
+        ) from None
 
 
 def _read_jsonl(file: Path) -> list[Row]:
     rows = []
-    with file.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LorakitError(f"{file}:{number}: malformed JSON: {exc.msg}") from None
-            if not isinstance(value, dict):
-                raise LorakitError(f"{file}:{number}: each line must be a JSON object")
-            rows.append(Row(value, f"{file}:{number}"))
+    # Split at \n only: JSON strings may hold U+2028 and other characters str.splitlines() cuts.
+    for number, line in enumerate(read_text(file).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LorakitError(f"{file}:{number}: malformed JSON: {exc.msg}") from None
+        if not isinstance(value, dict):
+            raise LorakitError(f"{file}:{number}: each line must be a JSON object")
+        rows.append(Row(value, f"{file}:{number}"))
+    return rows
+
+
+def _read_csv(file: Path) -> list[Row]:
+    """A CSV file with a header row; each record is checked against the header, so a stray
+    comma is an error at its line instead of a silently shifted row."""
+    reader = csv.reader(io.StringIO(read_text(file), newline=""), strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        if len(set(header)) != len(header) or not all(name.strip() for name in header):
+            raise LorakitError(f"{file}:1: the header needs distinct, non-empty column names")
+        rows = []
+        start = reader.line_num + 1
+        for record in reader:
+            if record:
+                if len(record) != len(header):
+                    raise LorakitError(
+                        f"{file}:{start}: {len(record)} field(s) where the header has "
+                        f"{len(header)} (quote values that hold a comma)"
+                    )
+                rows.append(Row(dict(zip(header, record, strict=True)), f"{file}:{start}"))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise LorakitError(f"{file}:{reader.line_num}: malformed CSV: {exc}") from None
     return rows
 
 
 def _read_json(file: Path) -> list[Row]:
     try:
-        value = json.loads(file.read_text(encoding="utf-8"))
+        value = json.loads(read_text(file))
     except json.JSONDecodeError as exc:
         raise LorakitError(f"{file}:{exc.lineno}: malformed JSON: {exc.msg}") from None
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -123,13 +169,19 @@ def _read_json(file: Path) -> list[Row]:
 def _read_table(file: Path, suffix: str):
     from datasets import Dataset
 
+    # `datasets` logs the reader's failure besides raising it: the error line says it once.
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
         if suffix == ".arrow":
             return _read_arrow(file)
-        reader = Dataset.from_csv if suffix == ".csv" else Dataset.from_parquet
-        return reader(str(file), keep_in_memory=True)
+        return Dataset.from_parquet(str(file), keep_in_memory=True)
     except Exception as exc:  # the readers raise many types; the user needs the first line
-        raise LorakitError(f"{file}: cannot read: {_first_line(exc)}") from None
+        # DatasetGenerationError wraps the reader's own error, which says what is wrong.
+        raise LorakitError(f"{file}: cannot read: {_first_line(exc.__cause__ or exc)}") from None
+    finally:
+        logger.setLevel(level)
 
 
 def _read_arrow(file: Path):
