@@ -317,16 +317,21 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
     path = Path(path)
     if not path.is_file():
         raise LorakitError(f"{path}: recipe file not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_recipe_text(path)
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: plain data only
+    except DuplicateKey as exc:
+        raise LorakitError(f"{path}:{exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise LorakitError(f"{where}: malformed YAML: {problem}") from None
     if raw is None:
-        raw = {}
+        raise LorakitError(
+            f"{path}: the recipe is empty (it needs at least data.train; "
+            "`lorakit init` writes a commented starter)"
+        )
     if not isinstance(raw, dict):
         raise LorakitError(f"{path}:1: a recipe is a mapping of sections (model, data, train, …)")
     overridden = [_apply_override(raw, item) for item in overrides]
@@ -338,6 +343,61 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
     except ValidationError as exc:
         lines = _describe_errors(exc, path, text, overridden)
         raise LorakitError("\n".join(lines)) from None
+
+
+def read_recipe_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise LorakitError(
+            f"{path}: not UTF-8 (byte at offset {exc.start}); re-save the recipe as UTF-8"
+        ) from None
+
+
+class DuplicateKey(yaml.YAMLError):
+    """`line: dotted.key: duplicate key (first at line N)`."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    silently: a second `lora:` block would replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in first:
+                raise DuplicateKey(
+                    f"{line}: {self._path_of(key_node)}: duplicate key (first at line {first[key]})"
+                )
+            first.setdefault(key, line)
+        return super().construct_mapping(node, deep=deep)
+
+    def _path_of(self, key_node: yaml.Node) -> str:
+        """The dotted key, found by walking the document from the root to this key node."""
+        loc = _key_path(self._root, key_node)
+        return _dotted(loc) if loc else str(key_node.value)
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._root = node
+        return super().construct_document(node)
+
+
+def _key_path(node: yaml.Node, target: yaml.Node) -> tuple | None:
+    """The location (keys and list indices) of the key node `target` under `node`."""
+    children: list[tuple[Any, yaml.Node, yaml.Node | None]] = []
+    if isinstance(node, yaml.MappingNode):
+        children = [(k.value, v, k) for k, v in node.value]
+    elif isinstance(node, yaml.SequenceNode):
+        children = [(i, item, None) for i, item in enumerate(node.value)]
+    for part, child, key_node in children:
+        if key_node is target:
+            return (part,)
+        inner = _key_path(child, target)
+        if inner is not None:
+            return (part, *inner)
+    return None
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
