@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
@@ -78,6 +78,24 @@ def check_run_dir(path: str, overwrite: bool) -> bool:
             "(pass --resume to continue it, or --overwrite to replace it)"
         )
     return occupied
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Probe, before anything slow runs, that `path` can be created or written: a file is
+    created and removed in the nearest folder that exists at or above it."""
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LorakitError(f"{what}: cannot write {path}: {existing} is a file, not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".lorakit-probe-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise LorakitError(
+            f"{what}: cannot write {path}: creating a file in {existing} failed ({exc.strerror})"
+        ) from None
 
 
 def prepare_run_dir(path: str, overwrite: bool) -> Path:
@@ -382,21 +400,46 @@ class Checkpoint:
         return read_json(path) if path.is_file() else None
 
 
+class DamagedCheckpoint(LorakitError):
+    """A checkpoint folder whose files cannot be read back (cut short, edited, bit rot)."""
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
+    """A checkpoint whose every file reads back; DamagedCheckpoint names the first that does
+    not (before anything is loaded into a model)."""
     state_file = path / STATE_FILE
     if not state_file.is_file():
         raise LorakitError(
             f"--resume: {path} is not a lorakit checkpoint (no {STATE_FILE}); "
             f"checkpoints are the folders under <run>/{CHECKPOINTS_DIR}/"
         )
-    saved = read_json(state_file)
-    return Checkpoint(
-        path=path,
-        state=TrainingState.from_dict(saved["state"]),
-        scheduler_state=decode_state(saved["scheduler"], {}),
-        fingerprints=saved["fingerprints"],
-        num_processes=saved["num_processes"],
-    )
+    name = STATE_FILE
+    try:
+        saved = read_json(state_file)
+        checkpoint = Checkpoint(
+            path=path,
+            state=TrainingState.from_dict(saved["state"]),
+            scheduler_state=decode_state(saved["scheduler"], {}),
+            fingerprints=saved["fingerprints"],
+            num_processes=saved["num_processes"],
+        )
+        for name in (ADAPTER_WEIGHTS, OPTIMIZER_FILE):
+            with safe_open(path / name, framework="pt") as handle:
+                handle.metadata()
+        for rank in range(checkpoint.num_processes):
+            name = f"rng-{rank}.json"
+            if (path / name).is_file():
+                read_json(path / name)
+    except json.JSONDecodeError as exc:
+        raise DamagedCheckpoint(
+            f"{path} is damaged: {name}: malformed JSON at line {exc.lineno} ({exc.msg})"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(exc, KeyError | TypeError):
+            reason = f"missing or malformed entry {exc}"
+        raise DamagedCheckpoint(f"{path} is damaged: {name}: {reason}") from None
+    return checkpoint
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -412,21 +455,39 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
-    """`auto`: the run folder's latest checkpoint, or None when it has none. A path: a
-    checkpoint folder, or a run folder whose latest checkpoint is taken."""
+def latest_intact_checkpoint(run_dir: Path) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint that reads back, and one note per newer one that does not."""
+    notes: list[str] = []
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            return read_checkpoint(path), notes
+        except DamagedCheckpoint as exc:
+            notes.append(str(exc))
+    return None, notes
+
+
+def find_checkpoint(resume: str, run_dir: Path) -> tuple[Checkpoint | None, list[str]]:
+    """`auto`: the run folder's newest intact checkpoint, or None when it has none. A path: a
+    checkpoint folder, or a run folder whose newest intact checkpoint is taken. The notes say
+    which damaged checkpoints were passed over."""
     if resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1][1] if found else None
+        return latest_intact_checkpoint(run_dir)
     path = Path(resume)
     if not path.is_dir():
         raise LorakitError(f"--resume: {resume} is not a folder")
     if (path / STATE_FILE).is_file():
-        return path
-    found = list_checkpoints(path)
-    if not found:
+        try:
+            return read_checkpoint(path), []
+        except DamagedCheckpoint as exc:
+            intact, _ = latest_intact_checkpoint(path.parent.parent)
+            hint = f"; the newest intact one is {intact.path}" if intact else ""
+            raise LorakitError(f"--resume: {exc}{hint}") from None
+    if not list_checkpoints(path):
         raise LorakitError(f"--resume: {resume} holds no checkpoint")
-    return found[-1][1]
+    checkpoint, notes = latest_intact_checkpoint(path)
+    if checkpoint is None:
+        raise LorakitError(f"--resume: {resume} holds no intact checkpoint: {notes[0]}")
+    return checkpoint, notes
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int | None) -> list[Path]:
@@ -449,7 +510,10 @@ def best_checkpoint(run_dir: Path) -> tuple[Path, float] | None:
     """The checkpoint with the lowest eval loss measured at its own step."""
     scored = []
     for _, path in list_checkpoints(run_dir):
-        eval_loss = read_json(path / STATE_FILE)["state"].get("eval_loss")
+        try:
+            eval_loss = read_json(path / STATE_FILE)["state"].get("eval_loss")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # a damaged checkpoint is no candidate
         if eval_loss is not None:
             scored.append((eval_loss, path))
     if not scored:

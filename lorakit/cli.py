@@ -346,6 +346,10 @@ def generate_command(
 
     if not prompt and not chat:
         raise LorakitError("generate: give --prompt TEXT or --chat")
+    for number, text in enumerate(prompt or [], start=1):
+        if not text.strip():
+            which = f" #{number}" if len(prompt or []) > 1 else ""
+            raise LorakitError(f"--prompt{which} is empty: give the text to answer")
     dtype = _choice("--dtype", dtype, DTYPES)
     resolved = resolve_target(target)
     loaded = load_target(resolved, Accelerator().device, load_in_4bit, dtype)
@@ -361,6 +365,13 @@ def generate_command(
         if interactive:
             console.print(COMMANDS)
         chat_loop(loaded, sys.stdin, max_new_tokens, system, show_prompt=interactive)
+
+
+def _ordinal(number: int) -> str:
+    suffix = (
+        "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    )
+    return f"{number}{suffix}"
 
 
 def _choice(option: str, value: str | None, allowed: tuple[str, ...]) -> str | None:
@@ -447,7 +458,11 @@ def quantize_command(
         if given:
             raise LorakitError(f"{', '.join(given)} apply to --format bnb; GGUF takes --type")
         report = quantize.export_gguf(model, out, gguf_type=type_ or "f16", overwrite=overwrite)
-        checks = quantize.verify_gguf(out, report.location) if verify else []
+        try:
+            checks = quantize.verify_gguf(out, report.location) if verify else []
+        except LorakitError:
+            console.print(quantize.gguf_table(report, []))  # the file is written: say what it is
+            raise
         console.print(quantize.gguf_table(report, checks))
     else:
         raise LorakitError(f"--format: {format_!r} is not bnb or gguf")

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from lorakit.checkpoint import check_writable
 from lorakit.data.batching import MIN_SHARED_PREFIX, make_loader, shared_prefix_length
 from lorakit.data.formats import render_prompt, render_segments
 from lorakit.data.pipeline import load_rows, tokenize_rows
@@ -499,6 +500,8 @@ def run_eval(
     comparison table and write report.json + generations.jsonl into `out_dir`."""
     console = console or Console(stderr=True)
     # Everything that can fail on user input is checked before the first model loads.
+    if out_dir is not None:
+        check_writable(out_dir, "--out")
     targets = [resolve_target(r) for r in references]
     rows = load_eval_rows(data, fmt, options.limit) if data else []
     if not options.metrics:

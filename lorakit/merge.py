@@ -42,6 +42,7 @@ from lorakit.checkpoint import (
     adapter_provenance,
     atomic_dir,
     base_reference_of,
+    check_writable,
     resolve_adapter_base,
     tokenizer_location,
     write_json,
@@ -257,6 +258,7 @@ def check_out_dir(out: Path, force: bool) -> None:
         raise LorakitError(f"--out: {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise LorakitError(f"--out: {out} is not empty (pass --force to replace it)")
+    check_writable(out, "--out")
 
 
 def base_identity(reference: str) -> str:

@@ -114,9 +114,21 @@ def hash_file_into(digest: Any, path: Path) -> Any:
     return digest
 
 
+def converted_folder(gguf: Path) -> Path:
+    """Where `convert_gguf` caches a GGUF file's safetensors folder."""
+    return cache_root() / "models" / f"{gguf.stem}-{file_digest(gguf)[:12]}"
+
+
+def loadable(model: ResolvedModel) -> ResolvedModel:
+    """`model` with a GGUF source converted (once, cached) into a folder from_pretrained loads."""
+    if not model.location.endswith(".gguf"):
+        return model
+    return ResolvedModel(model.reference, str(convert_gguf(Path(model.location))), model.kind)
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a cached safetensors folder; return the folder."""
-    target = cache_root() / "models" / f"{gguf.stem}-{file_digest(gguf)[:12]}"
+    target = converted_folder(gguf)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -143,8 +155,20 @@ def convert_gguf(gguf: Path) -> Path:
 
 
 def load_tokenizer(location: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder, hub id or .gguf file. A GGUF file not converted yet is
+    read directly (its metadata holds the tokenizer: seconds, where the weights' conversion
+    takes a minute), so data problems show before the conversion."""
+    kwargs: dict[str, Any] = {}
+    if location.endswith(".gguf"):
+        gguf = Path(location)
+        if (converted_folder(gguf) / "config.json").is_file():
+            location = str(converted_folder(gguf))
+        else:
+            location, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            location, trust_remote_code=trust_remote_code, **kwargs
+        )
     except OSError as exc:
         # A hub id while offline, or a folder without tokenizer files.
         raise LorakitError(

@@ -37,7 +37,7 @@ def prepare(
 ) -> PreparedData:
     console = console or Console()
     recipe = load_recipe(path, overrides)
-    resolved = resolve_model(recipe.model.name_or_path)
+    resolved = resolve_model(recipe.model.name_or_path, convert=False)  # the tokenizer only
     tokenizer = load_tokenizer(resolved.location, recipe.model.trust_remote_code)
     data = prepare_data(recipe, tokenizer)
     report(console, recipe, tokenizer, data, preview)

@@ -40,6 +40,7 @@ from lorakit.checkpoint import (
     best_checkpoint,
     capture_rng_state,
     check_run_dir,
+    check_writable,
     checkpoint_dir,
     data_fingerprint,
     describe_changes,
@@ -48,7 +49,6 @@ from lorakit.checkpoint import (
     list_checkpoints,
     prepare_run_dir,
     prune_checkpoints,
-    read_checkpoint,
     restore_adapter,
     restore_rng_state,
     save_adapter,
@@ -60,7 +60,13 @@ from lorakit.data.pipeline import PreparedData
 from lorakit.errors import LorakitError
 from lorakit.evaluate import evaluate_loss, generate
 from lorakit.loss import TokenNLL, causal_lm_of
-from lorakit.models import ResolvedModel, load_tokenizer, provenance_header, resolve_model
+from lorakit.models import (
+    ResolvedModel,
+    load_tokenizer,
+    loadable,
+    provenance_header,
+    resolve_model,
+)
 from lorakit.peft_setup import ModelSummary, build_trainable_model
 from lorakit.recipe import EarlyStopping, Recipe, TrainSection
 from lorakit.tracking import (
@@ -260,10 +266,12 @@ def train(
     set_seed(tcfg.seed)
 
     # Everything that can fail on user input happens before the run folder is touched.
+    check_writable(run_dir, "output.dir")
     checkpoint = _checkpoint_to_resume(resume, run_dir, overwrite, say)
-    resolved = resolve_model(recipe.model.name_or_path)
+    resolved = resolve_model(recipe.model.name_or_path, convert=False)
     tokenizer = load_tokenizer(resolved.location, recipe.model.trust_remote_code)
     data = prepare_data(recipe, tokenizer)
+    resolved = loadable(resolved)  # a GGUF source is converted once the data is known good
     run_fingerprints = fingerprints(recipe, data)
     if checkpoint is not None:
         _check_resumable(checkpoint, run_fingerprints, accelerator.num_processes, force, say)
@@ -518,16 +526,21 @@ def _checkpoint_to_resume(
         return None
     if overwrite:
         raise LorakitError("--resume and --overwrite exclude each other")
-    path = find_checkpoint(resume, run_dir)
-    if path is None:
+    checkpoint, damaged = find_checkpoint(resume, run_dir)
+    for note in damaged:
+        say(f"[yellow]warning:[/yellow] {escape(note)}; passing over it")
+    if checkpoint is None:
         if run_dir.is_dir() and any(run_dir.iterdir()):
+            what = "no intact checkpoint" if damaged else "no checkpoint"
             raise LorakitError(
-                f"--resume: {run_dir} holds no checkpoint to continue from "
+                f"--resume: {run_dir} holds {what} to continue from "
                 "(start it over with --overwrite instead of --resume)"
             )
         say(f"no checkpoint in {run_dir / CHECKPOINTS_DIR}: starting a new run")
         return None
-    return read_checkpoint(path)
+    if damaged:
+        say(f"resuming from the newest intact checkpoint, {checkpoint.path}")
+    return checkpoint
 
 
 def _check_resumable(

@@ -1,4 +1,5 @@
-"""`lorakit validate`: everything that can be checked without loading a model."""
+"""`lorakit validate`: everything that can be checked without loading a model (the tokenizer is
+read when chat data needs its template)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,27 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lorakit.advice import recipe_advice
-from lorakit.data.pipeline import read_dataset
-from lorakit.models import resolve_model
+from lorakit.checkpoint import check_writable
+from lorakit.data.formats import NO_CHAT_TEMPLATE
+from lorakit.data.pipeline import needs_chat_template, read_dataset
+from lorakit.errors import LorakitError
+from lorakit.models import load_tokenizer, resolve_model
 from lorakit.recipe import load_recipe
 
 
 def validate(path: Path, overrides: Sequence[str] = ()) -> list[str]:
     """Raise LorakitError on the first class of problem found; return a short report."""
     recipe = load_recipe(path, overrides)
+    check_writable(Path(recipe.output.dir), "output.dir")
     model = resolve_model(recipe.model.name_or_path, convert=False)
     warnings = [f"warning: {note}" for note in recipe_advice(recipe)]
     train = [read_dataset(spec, recipe.data.strict) for spec in recipe.data.train]
     val = [read_dataset(spec, recipe.data.strict) for spec in recipe.data.validation or []]
+    chats = [s.stats.path for s in train + val if needs_chat_template(s)]
+    if chats and not recipe.data.chat_template and model.kind != "hub":
+        tokenizer = load_tokenizer(model.location, recipe.model.trust_remote_code)
+        if tokenizer.chat_template is None:
+            raise LorakitError(f"{chats[0]}: {NO_CHAT_TEMPLATE}")
     formats = sorted({source.format for source in train})
     skipped = [source.stats for source in train + val if source.stats.skipped]
     return [

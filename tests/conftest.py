@@ -67,10 +67,14 @@ def load_adapter_as_trained(base_dir: Path | str, adapter_dir: Path | str):
     return PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
+# Set before anything imports huggingface_hub, which reads them once: later, a hub id that is
+# not cached would be retried over the (absent) network for most of a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_and_isolated(tmp_path_factory: pytest.TempPathFactory) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Keep the embedded-model cache shared across sessions unless a test asks otherwise.
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -352,3 +352,34 @@ def test_an_abort_exits_130_saying_the_checkpoints_are_kept(tiny_model, write_re
     result = CliRunner().invoke(app, ["train", str(write_recipe(tiny_model("llama")))])
     assert result.exit_code == 130
     assert result.stderr.strip() == "aborted; the checkpoints written so far are intact"
+
+
+@pytest.mark.parametrize("damage", ["training_state.json", "optimizer.safetensors"])
+def test_resume_auto_passes_over_a_damaged_checkpoint(
+    damage, tiny_model, write_recipe, monkeypatch
+):
+    """The newest checkpoint cut short (a full disk, a killed copy): `--resume auto` names it,
+    continues from the newest intact one, and still ends where one unbroken run ends."""
+    sections = dict(quant=FP32, train={**RESUMABLE, "eval_steps": 2, "save_steps": 2})
+    whole = load_recipe(write_recipe(tiny_model("llama"), name="whole", **sections))
+    path = write_recipe(tiny_model("llama"), name="pieces", **sections)
+    one_go = train(whole)
+    stop_with_signal_at_step(monkeypatch, step=4)
+    with pytest.raises(TrainingStopped):
+        train(load_recipe(path))
+    monkeypatch.undo()
+    run_dir = Path(load_recipe(path).output.dir)
+    newest = run_dir / "checkpoints" / "step-4"
+    assert newest.is_dir()
+    file = newest / damage
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+    code, err = resume_cli(path)
+    assert code == 0, err
+    said = " ".join(err.split())
+    assert f"warning: {newest} is damaged: {damage}:" in said
+    assert f"resuming from the newest intact checkpoint, {run_dir / 'checkpoints' / 'step-2'}" in (
+        said
+    )
+    want, got = adapter_tensors(one_go.adapter_dir), adapter_tensors(run_dir / "adapter")
+    assert all(torch.equal(want[k], got[k]) for k in want)

@@ -118,6 +118,12 @@ def read_dataset(spec: DatasetSpec, strict: bool = False) -> DatasetRows:
     return DatasetRows(fmt, rows, stats)
 
 
+def needs_chat_template(source: DatasetRows) -> bool:
+    """Rows that are conversations render through a chat template (alpaca rows fall back to a
+    plain prompt without one)."""
+    return any("messages" in row.data for row in source.rows)
+
+
 def load_rows(specs: list[DatasetSpec], strict: bool = False) -> list[tuple[Row, str]]:
     """The usable rows of every dataset, as (normalized row, format) pairs."""
     pairs = []
