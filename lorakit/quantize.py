@@ -15,11 +15,13 @@ and the chat template go into the metadata. `verify_gguf` runs the file in llama
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import math
 import os
 import struct
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from lorakit.checkpoint import (
     PROVENANCE_FILE,
     adapter_folder_in,
     atomic_dir,
+    check_writable,
     write_json,
 )
 from lorakit.data import make_loader
@@ -41,6 +44,7 @@ from lorakit.data.formats import render_prompt
 from lorakit.data.pipeline import Example, load_rows, tokenize_rows
 from lorakit.errors import LorakitError
 from lorakit.evaluate import evaluate_loss, perplexity
+from lorakit.isolated import call_isolated
 from lorakit.loss import TokenNLL
 from lorakit.models import (
     ResolvedModel,
@@ -123,6 +127,7 @@ def check_output(out: Path, overwrite: bool, source: ResolvedModel, is_file: boo
     occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
     if occupied and not overwrite:
         raise LorakitError(f"--out: {out} already exists (pass --overwrite to replace it)")
+    check_writable(out if not is_file else out.parent, "--out")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -816,6 +821,16 @@ class PromptCheck:
     max_logit_diff: float
 
 
+LLAMA_CPP_SCORER = "lorakit.quantize:llama_cpp_scores"
+"""The function the verify child runs (a name, so a test can point it at a crashing one)."""
+LLAMA_CPP_HINT = (
+    "llama-cpp-python may be compiled for another CPU, or use instructions this machine does "
+    'not allow (AMX, AVX-512); reinstall it portably: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip '
+    "install --no-cache-dir --force-reinstall llama-cpp-python (`make install` does), or "
+    "verify the file on another machine"
+)
+
+
 def verify_gguf(
     gguf_file: Path,
     model_location: str,
@@ -823,15 +838,16 @@ def verify_gguf(
     new_tokens: int = 16,
 ) -> list[PromptCheck]:
     """Run the GGUF file in llama.cpp and compare it with transformers on the source model:
-    greedy tokens (teacher-forced on transformers' greedy continuation) and logits."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise LorakitError(
-            "checking a GGUF file needs llama-cpp-python: pip install 'lorakit[gguf]'"
-        ) from None
+    greedy tokens (teacher-forced on transformers' greedy continuation) and logits.
+
+    llama.cpp runs in a child process (`lorakit.isolated`): a crash in its native code is an
+    error that names the file, which stays written."""
     import numpy as np
 
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise LorakitError(
+            "checking a GGUF file needs llama-cpp-python: pip install 'lorakit[gguf]'"
+        )
     tokenizer = AutoTokenizer.from_pretrained(model_location)
     model = AutoModelForCausalLM.from_pretrained(model_location, dtype=torch.float32).eval()
     cases = []
@@ -842,36 +858,80 @@ def verify_gguf(
         with torch.no_grad():
             reference = model(torch.tensor([ids + greedy])).logits[0, len(ids) - 1 : -1].numpy()
         cases.append((prompt, text, ids, greedy, reference))
-    # One thread: ggml's worker threads spin while they wait, which on a busy 2-core machine
-    # made a 60-token pass take seconds instead of milliseconds.
-    llm = Llama(
-        model_path=str(gguf_file),
-        n_ctx=max(len(ids) + len(greedy) for _, _, ids, greedy, _ in cases) + 8,
-        logits_all=True,
-        verbose=False,
-        n_threads=1,
-        n_threads_batch=1,
-    )
+    with tempfile.TemporaryDirectory(prefix="lorakit-verify-") as folder:
+        scores = call_isolated(
+            LLAMA_CPP_SCORER,
+            {
+                "gguf_file": str(gguf_file),
+                "texts": [text for _, text, _, _, _ in cases],
+                "sequences": [ids + greedy for _, _, ids, greedy, _ in cases],
+                "starts": [len(ids) for _, _, ids, _, _ in cases],
+            },
+            what="llama.cpp",
+            doing=f"verifying {gguf_file}",
+            hint=f"{gguf_file} is written and complete; {LLAMA_CPP_HINT}",
+            workdir=Path(folder),
+        )
+        logits_of = [np.load(Path(folder) / s["logits"], allow_pickle=False) for s in scores]
     checks: list[PromptCheck] = []
-    for prompt, text, ids, greedy, reference in cases:
-        llama_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        sequence = ids + greedy
-        llm.reset()
-        llm.eval(sequence)
-        logits = np.asarray(llm.scores[len(ids) - 1 : len(sequence) - 1], dtype=np.float32)
+    for case, score, logits in zip(cases, scores, logits_of, strict=True):
+        prompt, _, ids, greedy, reference = case
         matches = logits.argmax(-1) == np.asarray(greedy)
         checks.append(
             PromptCheck(
                 prompt=prompt,
-                same_prompt_tokens=list(llama_ids) == ids,
+                same_prompt_tokens=score["prompt_ids"] == ids,
                 new_tokens=len(greedy),
                 identical_prefix=int(matches.argmin()) if not matches.all() else len(greedy),
                 agreement=float(matches.mean()),
                 max_logit_diff=float(np.abs(logits - reference).max()),
             )
         )
-    llm.close()
     return checks
+
+
+def llama_cpp_scores(
+    gguf_file: str,
+    texts: list[str],
+    sequences: list[list[int]],
+    starts: list[int],
+    workdir: str,
+) -> list[dict[str, Any]]:
+    """In the child process: llama.cpp's tokens for each text, and its logits at positions
+    `start - 1 …` of each token sequence (those that predict the continuation), saved as
+    .npy files in `workdir`."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    # One thread: ggml's worker threads spin while they wait, which on a busy 2-core machine
+    # made a 60-token pass take seconds instead of milliseconds.
+    llm = Llama(
+        model_path=gguf_file,
+        n_ctx=max(len(sequence) for sequence in sequences) + 8,
+        logits_all=True,
+        verbose=False,
+        n_threads=1,
+        n_threads_batch=1,
+    )
+    results = []
+    for number, (text, sequence, start) in enumerate(zip(texts, sequences, starts, strict=True)):
+        prompt_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        llm.reset()
+        llm.eval(sequence)
+        logits = np.asarray(llm.scores[start - 1 : len(sequence) - 1], dtype=np.float32)
+        name = f"logits-{number}.npy"
+        np.save(Path(workdir) / name, logits)
+        results.append({"prompt_ids": list(prompt_ids), "logits": name})
+    llm.close()
+    return results
+
+
+def llama_cpp_tokenize(gguf_file: str, text: str, workdir: str) -> list[int]:
+    """In the child process: the ids llama.cpp's tokenizer gives `text` (BOS as it adds it)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf_file, vocab_only=True, verbose=False)
+    return list(llm.tokenize(text.encode("utf-8")))
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from lorakit.cli import app
 from lorakit.errors import LorakitError
+from lorakit.isolated import call_isolated
 from lorakit.quantize import (
     export_gguf,
     paper_bits_per_parameter,
@@ -423,7 +424,6 @@ def test_gguf_records_whether_the_tokenizer_adds_bos(tmp_path, tiny_model):
     import shutil
 
     from gguf import GGUFReader
-    from llama_cpp import Llama
     from tokenizers import processors
     from transformers import AutoTokenizer
 
@@ -443,8 +443,14 @@ def test_gguf_records_whether_the_tokenizer_adds_bos(tmp_path, tiny_model):
     fields = {n: f.contents() for n, f in GGUFReader(tmp_path / "m.gguf").fields.items()}
     assert fields["tokenizer.ggml.add_bos_token"] is True
     assert fields["tokenizer.ggml.add_eos_token"] is False
-    llm = Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
-    assert llm.tokenize(text.encode()) == ids
+    tokenized = call_isolated(
+        "lorakit.quantize:llama_cpp_tokenize",
+        {"gguf_file": str(tmp_path / "m.gguf"), "text": text},
+        what="llama.cpp",
+        doing="tokenizing",
+        hint="",
+    )
+    assert tokenized == ids
 
 
 def test_llama3_rope_scaling_is_exported(tmp_path, monkeypatch):
