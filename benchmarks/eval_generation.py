@@ -31,13 +31,10 @@ from lorakit.cli import quiet_libraries  # noqa: E402
 
 quiet_libraries()  # before bitsandbytes is imported: it warns about optional kernels on import
 
+from lorakit.artifacts import load_target, resolve_target  # noqa: E402
+from lorakit.commands.evaluate import load_eval_rows, prompt_token_ids  # noqa: E402
 from lorakit.data.batching import shared_prefix_length  # noqa: E402
-from lorakit.evaluate import (  # noqa: E402
-    greedy_continuations,
-    load_eval_rows,
-    prompt_token_ids,
-)
-from lorakit.targets import load_target, resolve_target  # noqa: E402
+from lorakit.decoding import greedy_continuations  # noqa: E402
 
 
 def timed_generation(loaded, prompts, max_new_tokens: int, batch_size: int, share_prefix=True):

@@ -1,4 +1,4 @@
-"""The lorakit arm: `lorakit.train.train` on the benchmark recipe, measured.
+"""The lorakit arm: `lorakit.commands.train.train` on the benchmark recipe, measured.
 
     python benchmarks/lorakit_arm.py '<Spec JSON>' [LEVER ...]
 
@@ -93,7 +93,7 @@ def checkpointed_head() -> None:
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    import lorakit.train
+    import lorakit.commands.train
     from lorakit.data import IGNORE_INDEX
     from lorakit.loss import TokenNLL, _chunk_nll, causal_lm_of
 
@@ -113,7 +113,7 @@ def checkpointed_head() -> None:
                 total = total + checkpoint(_chunk_nll, *part, head, None, use_reentrant=False)
             return total, keep.sum()
 
-    lorakit.train.TokenNLL = CheckpointedChunks
+    lorakit.commands.train.TokenNLL = CheckpointedChunks
 
 
 def non_reentrant_checkpointing() -> None:
@@ -127,7 +127,7 @@ def full_logits() -> None:
     import torch
     import torch.nn.functional as F
 
-    import lorakit.train
+    import lorakit.commands.train
     from lorakit.data import IGNORE_INDEX
     from lorakit.loss import TokenNLL
 
@@ -143,7 +143,7 @@ def full_logits() -> None:
             )
             return nll, (targets != IGNORE_INDEX).sum().to(torch.int64)
 
-    lorakit.train.TokenNLL = FullLogits
+    lorakit.commands.train.TokenNLL = FullLogits
 
 
 LEVERS = {
@@ -169,11 +169,11 @@ def main(spec: Spec, levers: list[str]) -> None:
     for lever in levers:
         if LEVERS[lever] is not None:
             LEVERS[lever]()
+    import lorakit.commands.train
     import lorakit.data.batching as batching
-    import lorakit.train
+    from lorakit.commands.train import train
     from lorakit.recipe import Recipe
     from lorakit.tracking import read_metrics
-    from lorakit.train import train
 
     counts = {"real": 0, "padded": 0, "shared": 0}
     collate = batching.collate
@@ -197,7 +197,7 @@ def main(spec: Spec, levers: list[str]) -> None:
         recipe = Recipe.model_validate(yaml.safe_load(yaml.safe_dump(raw)))
         batching.collate = counting_collate
         clock, rss = StepClock(), RssSampler()
-        forward_backward = lorakit.train.forward_backward
+        forward_backward = lorakit.commands.train.forward_backward
 
         def timed(*args, **kwargs):
             if not clock.marks:  # the first step begins
@@ -207,14 +207,14 @@ def main(spec: Spec, levers: list[str]) -> None:
                 profiler.step()
             return forward_backward(*args, **kwargs)
 
-        class TimedLog(lorakit.train.MetricsLog):
+        class TimedLog(lorakit.commands.train.MetricsLog):
             def write(self, record):
                 if "loss" in record:
                     clock.tick()  # a step ends once it is logged
                 super().write(record)
 
-        lorakit.train.forward_backward = timed
-        lorakit.train.MetricsLog = TimedLog
+        lorakit.commands.train.forward_backward = timed
+        lorakit.commands.train.MetricsLog = TimedLog
         setup_seconds = time.perf_counter() - setup_started
         with rss:
             result = train(recipe, overwrite=True)

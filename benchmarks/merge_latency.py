@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 ONE_COPY = """
-import torch, lorakit.merge
+import torch, lorakit.commands.merge
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained({location!r}, dtype=torch.float32)
 with torch.no_grad():
@@ -142,7 +142,7 @@ def main() -> None:
     merge = run_sampled(lorakit_command(*merge_args))
     no_verify = ("--out", str(work / "merged-no-verify"), "--dtype", "float32", "--no-verify")
     merge_no_verify = run_sampled(lorakit_command("merge", str(run), *no_verify, "--force"))
-    imports = run_sampled([sys.executable, "-c", "import lorakit.merge"])
+    imports = run_sampled([sys.executable, "-c", "import lorakit.commands.merge"])
     one_copy = run_sampled([sys.executable, "-c", ONE_COPY.format(location=location)])
     base = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
     model_mib = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20

@@ -27,10 +27,9 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from lorakit.commands.merge import MergeOptions, merge
     from lorakit.data import make_loader, prepare_data
-    from lorakit.evaluate import evaluate_loss
-    from lorakit.loss import TokenNLL
-    from lorakit.merge import MergeOptions, merge
+    from lorakit.loss import TokenNLL, evaluate_loss
     from lorakit.models import load_tokenizer, resolve_model
     from lorakit.peft_setup import keep_4bit_layers_differentiable, load_base_model
     from lorakit.recipe import load_recipe

@@ -26,16 +26,15 @@ from transformers import AutoModelForCausalLM
 from lorakit.cli import quiet_libraries
 from lorakit.data.pipeline import IGNORE_INDEX, Example
 from lorakit.models import load_tokenizer, resolve_model
-from lorakit.quantize import (
+from lorakit.quantization.bnb import (
     QuantizeReport,
-    export_gguf,
     layers_by_kind,
     load_eval_examples,
     mean_token_nll,
     quantize_model,
-    verify_gguf,
     weighted_error,
 )
+from lorakit.quantization.gguf import export_gguf, verify_gguf
 
 MODEL = "smollm2-135m-instruct"
 DATA = Path(__file__).parent / "data" / "general_qa.jsonl"

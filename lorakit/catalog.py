@@ -47,15 +47,15 @@ def _first_comment(path: Path) -> str:
     return ""
 
 
-def write_starter(target: Path, template: str = STARTER, force: bool = False) -> Path:
+def write_starter(target: Path, template: str = STARTER, overwrite: bool = False) -> Path:
     """Copy a shipped recipe (comments included) to `target`."""
     recipes = {r.name: r for r in shipped_recipes()}
     if template not in recipes:
         raise LorakitError(
             f"--template: unknown recipe {template!r} (shipped: {', '.join(sorted(recipes))})"
         )
-    if target.exists() and not force:
-        raise LorakitError(f"{target}: already exists (pass --force to replace it)")
+    if target.exists() and not overwrite:
+        raise LorakitError(f"{target}: already exists (pass --overwrite to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(recipes[template].path.read_text(encoding="utf-8"), encoding="utf-8")
     return target

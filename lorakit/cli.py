@@ -1,5 +1,9 @@
-"""The command line. Thin: parse arguments, call one function per command, map errors to exit
-codes (2 for bad input, with one line per problem and no traceback)."""
+"""The command line. Thin: parse arguments, call one function per command (`lorakit.commands.*`),
+map errors to exit codes (2 for bad input, with one line per problem and no traceback).
+
+One word per meaning across commands: `--overwrite` replaces existing output (train, merge,
+quantize, init); `--ignore-changes` resumes a run whose recipe, data or tokenizer changed.
+`--force`, which meant either, still works where it did, with a deprecation note."""
 
 from __future__ import annotations
 
@@ -12,7 +16,10 @@ from typing import Annotated, TypeVar, get_args
 import typer
 from rich.console import Console
 
+from lorakit.data.formats import FORMATS
+from lorakit.dtypes import DTYPE_CHOICES
 from lorakit.errors import LorakitError
+from lorakit.merge_methods import DEFAULT_METHOD, MERGE_METHODS
 
 app = typer.Typer(
     name="lorakit",
@@ -25,6 +32,10 @@ console = Console(stderr=True)
 F = TypeVar("F", bound=Callable)
 
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.")]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="Replace existing output.", show_default=False)
+]
+DeprecatedForce = Annotated[bool, typer.Option("--force", hidden=True)]
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a recipe key, e.g. --set train.learning_rate=1e-4"),
@@ -67,6 +78,10 @@ def user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def deprecated_flag(old: str, new: str) -> None:
+    print(f"note: {old} is deprecated here; it means {new}", file=sys.stderr)
+
+
 @app.command("train")
 @user_errors
 def train_command(
@@ -80,34 +95,38 @@ def train_command(
         typer.Option(
             "--resume",
             metavar="auto|PATH",
-            help="Continue exactly from a checkpoint: `auto` (the run folder's latest, or a new "
-            "run when there is none yet) or a checkpoint / run folder.",
+            help="Continue exactly from a checkpoint: `auto` (the run folder's newest intact "
+            "one, or a new run when there is none yet) or a checkpoint / run folder.",
         ),
     ] = None,
-    force: Annotated[
+    ignore_changes: Annotated[
         bool,
         typer.Option(
-            "--force", help="Resume even if the recipe, data or tokenizer changed since then."
+            "--ignore-changes",
+            help="Resume even if the recipe, data or tokenizer changed since the checkpoint.",
         ),
     ] = False,
+    force: DeprecatedForce = False,
 ) -> None:
     """Fine-tune a model with (Q)LoRA as the recipe says; writes a run folder with the adapter.
 
     Ctrl-C (or SIGTERM) finishes the current optimizer step, writes a checkpoint and exits
     (130 / 143); a second Ctrl-C aborts at once."""
+    from lorakit.commands.train import TrainingStopped, train
     from lorakit.recipe import load_recipe
-    from lorakit.train import TrainingStopped, train
 
     if resume is not None and resume.startswith("-"):
         raise LorakitError(
             f"--resume: expected auto or a checkpoint path, got {resume!r} (e.g. --resume auto)"
         )
+    if force:
+        deprecated_flag("--force", "--ignore-changes")
     try:
         train(
             load_recipe(recipe, set_ or ()),
             overwrite=overwrite,
             resume=resume,
-            force=force,
+            force=ignore_changes or force,
             console=console,
         )
     except TrainingStopped as stopped:
@@ -124,7 +143,7 @@ def train_command(
 @user_errors
 def validate_command(recipe: RecipeArg, set_: SetOption = None) -> None:
     """Check a recipe, its model reference and its data files without loading a model."""
-    from lorakit.validate import validate
+    from lorakit.commands.validate import validate
 
     for line in validate(recipe, set_ or ()):
         console.print(line)
@@ -151,12 +170,17 @@ def init_command(
     template: Annotated[
         str, typer.Option("--template", "-t", help="A shipped recipe (see `lorakit recipes`).")
     ] = "starter",
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing file.")
+    ] = False,
+    force: DeprecatedForce = False,
 ) -> None:
     """Write a commented starter recipe."""
     from lorakit.catalog import write_starter
 
-    written = write_starter(path, template, force)
+    if force:
+        deprecated_flag("--force", "--overwrite")
+    written = write_starter(path, template, overwrite or force)
     console.print(f"wrote {written}; check it with: lorakit validate {written}")
 
 
@@ -178,14 +202,13 @@ def prepare_command(
     ] = 0,
 ) -> None:
     """Tokenize the recipe's data (filling the cache) and show statistics and examples."""
-    from lorakit.prepare import prepare
+    from lorakit.commands.prepare import prepare
 
     # A pipe or a file gets the whole report: wide tables, and example text never re-wrapped.
     wide = None if sys.stdout.isatty() else 160
     prepare(recipe, set_ or (), preview, Console(width=wide, soft_wrap=True))
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 TargetsArg = Annotated[
     list[str],
     typer.Argument(
@@ -206,8 +229,8 @@ LoadIn4bitOption = Annotated[
 DtypeOption = Annotated[
     str | None,
     typer.Option(
-        help="Compute dtype: auto, float32, bfloat16 or float16. Default: the adapter's "
-        "training setting; auto for plain models.",
+        help=f"Compute dtype: {', '.join(DTYPE_CHOICES)}. Default: the adapter's training "
+        "setting; auto for plain models.",
         show_default=False,
     ),
 ]
@@ -226,7 +249,8 @@ def eval_command(
         typer.Option(help="Evaluation data file (.jsonl/.json/.csv/.parquet); repeatable."),
     ] = None,
     format_: Annotated[
-        str, typer.Option("--format", help="Data format: auto, alpaca, chat or text.")
+        str,
+        typer.Option("--format", help=f"Data format: auto, {', '.join(FORMATS)}."),
     ] = "auto",
     metrics: Annotated[
         str | None,
@@ -283,7 +307,7 @@ def eval_command(
     ] = None,
 ) -> None:
     """Loss, perplexity and task metrics of one or more targets on the same data, side by side."""
-    from lorakit.evaluate import EvalOptions, run_eval
+    from lorakit.commands.evaluate import EvalOptions, run_eval
     from lorakit.metrics import compile_regex, parse_metrics, parse_normalizers
     from lorakit.recipe import DataSection
 
@@ -300,7 +324,7 @@ def eval_command(
         max_seq_len=max_seq_len,
         train_on=_choice("--train-on", train_on, get_args(train_on_type)),
         load_in_4bit=load_in_4bit,
-        dtype=_choice("--dtype", dtype, DTYPES),
+        dtype=_choice("--dtype", dtype, DTYPE_CHOICES),
         limit=limit,
     )
     tasks = [t.strip() for t in harness.split(",") if t.strip()] if harness else None
@@ -338,40 +362,19 @@ def generate_command(
     dtype: DtypeOption = None,
 ) -> None:
     """Greedy answers from a model or adapter, with the chat template it was trained with."""
-    from accelerate import Accelerator
+    from lorakit.commands.generate import generate
 
-    from lorakit.chat import COMMANDS, answer_prompts
-    from lorakit.chat import chat as chat_loop
-    from lorakit.targets import load_target, resolve_target
-
-    if not prompt and not chat:
-        raise LorakitError("generate: give --prompt TEXT or --chat")
-    for number, text in enumerate(prompt or [], start=1):
-        if not text.strip():
-            which = f" #{number}" if len(prompt or []) > 1 else ""
-            raise LorakitError(f"--prompt{which} is empty: give the text to answer")
-    dtype = _choice("--dtype", dtype, DTYPES)
-    resolved = resolve_target(target)
-    loaded = load_target(resolved, Accelerator().device, load_in_4bit, dtype)
-    console.print(f"{resolved.label()} ({resolved.kind}, {loaded.precision})")
-    if prompt:
-        answers = answer_prompts(loaded, prompt, max_new_tokens, system, batch_size)
-        for question, answer in zip(prompt, answers, strict=True):
-            if len(prompt) > 1:
-                print(f"> {question}")
-            print(answer)
-    if chat:
-        interactive = sys.stdin.isatty()
-        if interactive:
-            console.print(COMMANDS)
-        chat_loop(loaded, sys.stdin, max_new_tokens, system, show_prompt=interactive)
-
-
-def _ordinal(number: int) -> str:
-    suffix = (
-        "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    generate(
+        target,
+        list(prompt or []),
+        chat_mode=chat,
+        system=system,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        load_in_4bit=load_in_4bit,
+        dtype=_choice("--dtype", dtype, DTYPE_CHOICES),
+        console=console,
     )
-    return f"{number}{suffix}"
 
 
 def _choice(option: str, value: str | None, allowed: tuple[str, ...]) -> str | None:
@@ -420,52 +423,29 @@ def quantize_command(
         bool,
         typer.Option(help="gguf: run the file in llama.cpp and compare greedy tokens."),
     ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", "--force", help="Replace --out.")
-    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out.")] = False,
+    force: DeprecatedForce = False,
 ) -> None:
     """Quantize a model to 4 bits (NF4/FP4, measured) or export it to GGUF for llama.cpp."""
-    from lorakit import quantize
+    from lorakit.commands.quantize import QuantizeOptions, quantize
 
-    if format_ == "bnb":
-        if type_ is not None or verify:
-            raise LorakitError("--type and --verify apply to --format gguf")
-        dtype = _choice("--dtype", dtype, DTYPES)
-        report = quantize.quantize_model(
-            model,
-            out,
-            method=method or "nf4",
-            double_quant=True if double_quant is None else double_quant,
-            blocksize=blocksize or 64,
-            dtype=dtype,
-            data=data,
-            max_seq_len=max_seq_len,
-            overwrite=overwrite,
-        )
-        for table in quantize.report_tables(report):
-            console.print(table)
-    elif format_ == "gguf":
-        given = [
-            flag
-            for flag, value in (
-                ("--method", method),
-                ("--double-quant", double_quant),
-                ("--blocksize", blocksize),
-                ("--data", data),
-            )
-            if value is not None
-        ]
-        if given:
-            raise LorakitError(f"{', '.join(given)} apply to --format bnb; GGUF takes --type")
-        report = quantize.export_gguf(model, out, gguf_type=type_ or "f16", overwrite=overwrite)
-        try:
-            checks = quantize.verify_gguf(out, report.location) if verify else []
-        except LorakitError:
-            console.print(quantize.gguf_table(report, []))  # the file is written: say what it is
-            raise
-        console.print(quantize.gguf_table(report, checks))
-    else:
-        raise LorakitError(f"--format: {format_!r} is not bnb or gguf")
+    if force:
+        deprecated_flag("--force", "--overwrite")
+    options = QuantizeOptions(
+        model=model,
+        out=out,
+        format=format_,
+        method=method,
+        double_quant=double_quant,
+        blocksize=blocksize,
+        type=type_,
+        data=data,
+        max_seq_len=max_seq_len,
+        dtype=_choice("--dtype", dtype, DTYPE_CHOICES) or "auto",
+        verify=verify,
+        overwrite=overwrite or force,
+    )
+    quantize(options, console)
 
 
 @app.command("merge")
@@ -484,12 +464,19 @@ def merge_command(
         str | None,
         typer.Option(
             "--method",
-            help="How several adapters combine: linear|cat|svd|ties|dare_ties|dare_linear|"
-            "magnitude_prune (default cat: the exact weighted sum).",
+            help="How several adapters combine: "
+            + "; ".join(f"{m.name}: {m.summary}" for m in MERGE_METHODS.values())
+            + f" (default {DEFAULT_METHOD}).",
         ),
     ] = None,
     density: Annotated[
-        float | None, typer.Option("--density", help="Fraction kept by ties/dare/magnitude_prune.")
+        float | None,
+        typer.Option(
+            "--density",
+            help="Fraction kept by "
+            + "/".join(m.name for m in MERGE_METHODS.values() if m.density)
+            + ".",
+        ),
     ] = None,
     base: Annotated[
         str,
@@ -499,7 +486,7 @@ def merge_command(
     ] = "original",
     dtype: Annotated[
         str,
-        typer.Option("--dtype", help="auto (as the base is stored)|float32|bfloat16|float16."),
+        typer.Option("--dtype", help=f"{'|'.join(DTYPE_CHOICES)} (auto: as the base is stored)."),
     ] = "auto",
     base_model: Annotated[
         str | None,
@@ -518,13 +505,16 @@ def merge_command(
     max_shard_size: Annotated[
         str, typer.Option("--max-shard-size", help="Split safetensors above this size.")
     ] = "5GB",
-    force: Annotated[
-        bool, typer.Option("--force", "--overwrite", help="Replace a non-empty --out.")
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty --out.")
     ] = False,
+    force: DeprecatedForce = False,
 ) -> None:
     """Merge adapters into the base model and write a model that loads anywhere."""
-    from lorakit.merge import MergeOptions, merge, parse_weights
+    from lorakit.commands.merge import MergeOptions, merge, parse_weights
 
+    if force:
+        deprecated_flag("--force", "--overwrite")
     options = MergeOptions(
         source=source,
         out=out,
@@ -539,7 +529,7 @@ def merge_command(
         verify_prompts=verify_prompts,
         tolerance=tolerance,
         max_shard_size=max_shard_size,
-        force=force,
+        overwrite=overwrite or force,
     )
     merge(options, console=console)
 

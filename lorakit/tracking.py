@@ -12,6 +12,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from lorakit.errors import LorakitError
+from lorakit.files import atomic_write_text
 from lorakit.recipe import Recipe
 
 METRICS_FILE = "metrics.jsonl"
@@ -129,9 +130,7 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-    staging = path.with_name(f".{METRICS_FILE}.tmp")
-    staging.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    os.replace(staging, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_losses(run_dir: Path) -> Path:

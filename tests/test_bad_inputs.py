@@ -126,7 +126,7 @@ def test_chat_data_for_a_gguf_model_without_template_fails_before_conversion(
 
     from transformers import AutoTokenizer
 
-    from lorakit.quantize import export_gguf
+    from lorakit.quantization.gguf import export_gguf
     from tests.conftest import fact_rows, write_jsonl
 
     folder = tmp_path / "plain"

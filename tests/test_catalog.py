@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 from lorakit.advice import compile_advice, data_advice, recipe_advice
 from lorakit.catalog import shipped_recipes
 from lorakit.cli import app
+from lorakit.commands.validate import validate
 from lorakit.recipe import load_recipe, recipe_reference
-from lorakit.train import count_optimizer_steps
-from lorakit.validate import validate
+from lorakit.training.optim import count_optimizer_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,9 +43,13 @@ def test_init_writes_the_starter_and_refuses_to_overwrite(tmp_path):
     again = CliRunner().invoke(app, ["init", str(target), "--template", "quickstart"])
     assert again.exit_code == 2
     assert "already exists" in again.stderr
-    forced = CliRunner().invoke(app, ["init", str(target), "-t", "quickstart", "--force"])
+    assert "--overwrite" in again.stderr
+    forced = CliRunner().invoke(app, ["init", str(target), "-t", "quickstart", "--overwrite"])
     assert forced.exit_code == 0
     assert "pirate" in target.read_text()
+    old_flag = CliRunner().invoke(app, ["init", str(target), "-t", "starter", "--force"])
+    assert old_flag.exit_code == 0 and "--force is deprecated" in old_flag.stderr
+    assert target.read_text() == (ROOT / "configs" / "starter.yaml").read_text()
     unknown = CliRunner().invoke(app, ["init", str(tmp_path / "x.yaml"), "-t", "nope"])
     assert unknown.exit_code == 2 and "unknown recipe 'nope'" in unknown.stderr
 

@@ -15,9 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakit.checkpoint import (
+from lorakit.commands.train import train
+from lorakit.errors import LorakitError
+from lorakit.files import atomic_dir
+from lorakit.recipe import load_recipe
+from lorakit.resume import (
     STATE_FILE,
-    atomic_dir,
     capture_rng_state,
     decode_state,
     describe_changes,
@@ -27,9 +30,6 @@ from lorakit.checkpoint import (
     read_checkpoint,
     restore_rng_state,
 )
-from lorakit.errors import LorakitError
-from lorakit.recipe import load_recipe
-from lorakit.train import train
 from tests.conftest import FP32
 
 

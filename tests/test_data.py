@@ -484,7 +484,7 @@ def NAMED_ALPACA():
 def test_jinja_file_template_is_used_and_saved_with_the_adapter(tmp_path, tiny_model, write_recipe):
     import torch
 
-    from lorakit.train import train
+    from lorakit.commands.train import train
 
     template = tmp_path / "brackets.jinja"
     template.write_text(
@@ -666,8 +666,8 @@ def test_encode_texts_gives_the_tokenizers_own_ids(kind):
 def test_a_folder_of_text_files_trains_end_to_end(tmp_path, tiny_model, write_recipe):
     import json
 
+    from lorakit.commands.train import train
     from lorakit.data.sources import source_fingerprint
-    from lorakit.train import train
 
     docs = tmp_path / "docs"
     docs.mkdir()

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_alias_converts_the_embedded_gguf_to_a_cached_model_folder():
     from transformers import AutoModelForCausalLM
 
-    from lorakit.evaluate import generate
+    from lorakit.decoding import generate
     from lorakit.models import load_tokenizer
 
     resolved = resolve_model("smollm2-135m-instruct")

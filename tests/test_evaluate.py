@@ -14,16 +14,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
+from lorakit.artifacts import load_target, resolve_target
 from lorakit.cli import app
+from lorakit.commands.evaluate import EvalOptions, load_eval_rows, prompt_token_ids, run_eval
+from lorakit.commands.train import train
 from lorakit.data.batching import MIN_SHARED_PREFIX, shared_prefix_length
-from lorakit.evaluate import (
-    EvalOptions,
-    greedy_continuations,
-    load_eval_rows,
-    prompt_token_ids,
-    run_eval,
-    stop_token_ids,
-)
+from lorakit.decoding import greedy_continuations, stop_token_ids
 from lorakit.metrics import (
     compile_regex,
     corpus_chrf,
@@ -34,8 +30,6 @@ from lorakit.metrics import (
     sentence_chrf,
 )
 from lorakit.recipe import load_recipe
-from lorakit.targets import load_target, resolve_target
-from lorakit.train import train
 from tests.conftest import FACTS, build_tokenizer, fact_rows, load_adapter_as_trained, write_jsonl
 
 CPU = torch.device("cpu")
@@ -490,7 +484,7 @@ def test_normalization_and_pair_metrics():
 
 
 def test_data_settings_come_from_the_adapters_recipe(memorized):
-    from lorakit.evaluate import data_settings
+    from lorakit.commands.evaluate import data_settings
 
     result, _ = memorized
     trained_with = resolve_target(str(result.run_dir)).data_settings

@@ -10,12 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lorakit.train as train_module
-from lorakit.checkpoint import TrainingState, read_checkpoint
+import lorakit.commands.train as train_module
+from lorakit.commands.train import train
 from lorakit.errors import LorakitError
 from lorakit.recipe import EarlyStopping, load_recipe
+from lorakit.resume import TrainingState, read_checkpoint
 from lorakit.tracking import read_metrics
-from lorakit.train import _record_evaluation, train
+from lorakit.training.steps import record_evaluation
 from tests.conftest import FP32
 
 
@@ -144,11 +145,11 @@ def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(tiny_model, 
 def test_early_stopping_counts_evaluations_without_real_improvement():
     state = TrainingState()
     rule = EarlyStopping(patience=2, min_delta=0.1)
-    stops = [_record_evaluation(state, loss, rule) for loss in [3.0, 2.5, 2.45, 2.3, 2.35]]
+    stops = [record_evaluation(state, loss, rule) for loss in [3.0, 2.5, 2.45, 2.3, 2.35]]
     # 2.45 is not 0.1 better than 2.5 (one miss); 2.3 is (the count restarts); 2.35 misses.
     assert stops == [False, False, False, False, False]
     assert (state.best_eval_loss, state.evals_without_improvement) == (2.3, 1)
-    assert _record_evaluation(state, 2.25, rule) is True
+    assert record_evaluation(state, 2.25, rule) is True
     assert state.last_eval_loss == 2.25
 
 

@@ -65,9 +65,9 @@ def test_a_llama_cpp_crash_while_verifying_is_one_line_and_keeps_the_file(
 ):
     """The verify child dies with SIGILL (as llama.cpp's AMX kernels did on an Intel Xeon):
     exit 1, one error line naming the file, and the exported file stays, reported."""
-    import lorakit.quantize
+    import lorakit.quantization.gguf
 
-    monkeypatch.setattr(lorakit.quantize, "LLAMA_CPP_SCORER", "tests.test_isolated:sigill")
+    monkeypatch.setattr(lorakit.quantization.gguf, "LLAMA_CPP_SCORER", "tests.test_isolated:sigill")
     out = tmp_path / "m.q8_0.gguf"
     result = CliRunner().invoke(
         app,
@@ -87,7 +87,7 @@ def test_a_llama_cpp_crash_while_verifying_is_one_line_and_keeps_the_file(
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
         f"error: llama.cpp crashed (SIGILL, illegal instruction) while verifying {out}: {out} is "
-        "written and complete; " + lorakit.quantize.LLAMA_CPP_HINT
+        "written and complete; " + lorakit.quantization.gguf.LLAMA_CPP_HINT
     ]
     assert "Traceback" not in result.stderr
     assert out.stat().st_size > 0

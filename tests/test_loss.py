@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.data import collate, prepare_data
-from lorakit.evaluate import generate
+from lorakit.decoding import generate
 from lorakit.loss import HeadNLLFunction, TokenNLL, chunk_positions
 from lorakit.models import load_tokenizer
 from lorakit.peft_setup import build_trainable_model

@@ -14,10 +14,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from lorakit.checkpoint import PROVENANCE_FILE, RECIPE_FILE, save_adapter
+from lorakit.artifacts import resolve_target
 from lorakit.cli import app
-from lorakit.errors import LorakitError
-from lorakit.merge import (
+from lorakit.commands.merge import (
     MergeOptions,
     VerifyReport,
     attach_adapters,
@@ -25,11 +24,12 @@ from lorakit.merge import (
     read_adapter,
     resolve_base,
 )
+from lorakit.commands.train import train
+from lorakit.errors import LorakitError
 from lorakit.models import load_tokenizer, resolve_model
 from lorakit.peft_setup import build_trainable_model
 from lorakit.recipe import load_recipe
-from lorakit.targets import resolve_target
-from lorakit.train import provenance, train
+from lorakit.run_folder import PROVENANCE_FILE, RECIPE_FILE, provenance, save_adapter
 from tests.conftest import FP32, build_config, build_tokenizer, load_adapter_as_trained, recipe_file
 from tests.test_cli import assert_one_error_line
 
@@ -53,7 +53,7 @@ def random_adapter(folder: Path, model_dir: Path, name: str, seed: int, **lora) 
             torch.nn.init.normal_(param, std=0.05)
     tokenizer = load_tokenizer(str(model_dir))
     resolved = resolve_model(str(model_dir))
-    info = provenance(recipe, resolved, tokenizer.name_or_path, {"steps": 0})
+    info = provenance(resolved, tokenizer=tokenizer.name_or_path, steps=0)
     run = Path(recipe.output.dir)
     save_adapter(run / "adapter", model, tokenizer, recipe, info)
     (run / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
@@ -334,16 +334,21 @@ def test_verify_gate(mean_kl, adapter_kl, tolerance, passed):
     assert report.passed is passed
 
 
-def test_existing_output_needs_force(trained_run, tmp_path):
+@pytest.mark.parametrize("flag", ["--overwrite", "--force"])
+def test_existing_output_needs_overwrite(flag, trained_run, tmp_path):
+    """`--overwrite` replaces output in every command; merge's old `--force` still works, with a
+    deprecation note."""
     out = tmp_path / "taken"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     code, err = run_cli(trained_run, "--out", out, "--no-verify")
     assert code == 2
-    assert_one_error_line(err, str(out), "--force")
+    assert_one_error_line(err, str(out), "--overwrite")
     assert (out / "precious.txt").read_text() == "keep me"
-    code, err = run_cli(trained_run, "--out", out, "--no-verify", "--force", "--dtype", "float32")
+    code, err = run_cli(trained_run, "--out", out, "--no-verify", flag, "--dtype", "float32")
     assert code == 0, err
+    deprecated = "note: --force is deprecated here; it means --overwrite"
+    assert (deprecated in err) == (flag == "--force")
     assert not (out / "precious.txt").exists()
     assert (out / "model.safetensors").is_file()
 

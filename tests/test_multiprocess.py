@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from lorakit.commands.train import check_fsdp_recipe, train
 from lorakit.errors import LorakitError
 from lorakit.recipe import load_recipe
 from lorakit.tracking import read_metrics
-from lorakit.train import _check_fsdp_recipe, train
 from tests.conftest import FP32
 
 # Adam turns float-rounding differences in the gradients into update differences in
@@ -103,13 +103,13 @@ def test_two_processes_match_one_process_with_twice_the_micro_batch(tiny_model, 
 def test_fsdp_qlora_recipe_needs_matching_storage_dtype(overrides, message, write_recipe, tmp_path):
     recipe = load_recipe(write_recipe(tmp_path), overrides)
     with pytest.raises(LorakitError, match=message):
-        _check_fsdp_recipe(recipe)
+        check_fsdp_recipe(recipe)
     fixed = [
         "quant.bnb_4bit_compute_dtype=bfloat16",
         "quant.bnb_4bit_quant_storage=bfloat16",
         "train.optimizer=adamw_torch",
     ]
-    _check_fsdp_recipe(load_recipe(write_recipe(tmp_path), fixed))
+    check_fsdp_recipe(load_recipe(write_recipe(tmp_path), fixed))
 
 
 def test_shipped_accelerate_configs_load():

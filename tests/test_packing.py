@@ -107,7 +107,7 @@ def test_cross_talk_would_change_the_loss(tiny_model):
 
 
 def test_recipe_packing_reports_efficiency_and_trains(tmp_path, tiny_model, write_recipe):
-    from lorakit.train import train
+    from lorakit.commands.train import train
 
     model = tiny_model("llama")
     path = write_recipe(model, data={"packing": True}, quant={"bnb_4bit_compute_dtype": "float32"})

@@ -6,9 +6,9 @@ from rich.text import Text
 from typer.testing import CliRunner
 
 from lorakit.cli import app
+from lorakit.commands.prepare import highlight_example, length_histogram
 from lorakit.data import Example, prepare_data
 from lorakit.models import load_tokenizer
-from lorakit.prepare import highlight_example, length_histogram
 from lorakit.recipe import load_recipe
 from tests.conftest import write_jsonl
 

@@ -12,14 +12,13 @@ from typer.testing import CliRunner
 from lorakit.cli import app
 from lorakit.errors import LorakitError
 from lorakit.isolated import call_isolated
-from lorakit.quantize import (
-    export_gguf,
+from lorakit.quantization.bnb import (
     paper_bits_per_parameter,
     quantize_model,
     reconstruction_error,
     stored_tensor_bytes,
-    verify_gguf,
 )
+from lorakit.quantization.gguf import export_gguf, verify_gguf
 from tests.conftest import fact_rows, write_jsonl
 
 
@@ -373,9 +372,9 @@ def test_gguf_export_refuses_an_unknown_tokenizer(tmp_path, tiny_model):
 def test_the_llama_cpp_check_catches_a_wrong_export(tmp_path, tiny_model, monkeypatch):
     """Negative control: without reordering the q/k rows for llama.cpp's rotary layout, the
     same check sees different logits and near-chance agreement."""
-    import lorakit.quantize
+    import lorakit.quantization.gguf
 
-    monkeypatch.setattr(lorakit.quantize, "_INTERLEAVE_ROPE", set())
+    monkeypatch.setattr(lorakit.quantization.gguf, "_INTERLEAVE_ROPE", set())
     source = tiny_model("llama")
     export_gguf(str(source), tmp_path / "wrong.gguf")
     checks = verify_gguf(tmp_path / "wrong.gguf", str(source), new_tokens=16)
@@ -390,7 +389,7 @@ def test_the_llama_cpp_check_catches_a_wrong_export(tmp_path, tiny_model, monkey
 def test_embedded_model_quantizes_to_qlora_bits_and_still_answers(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.evaluate import generate
+    from lorakit.decoding import generate
     from lorakit.models import load_tokenizer
 
     report = quantize_model("smollm2-135m-instruct", tmp_path / "q", dtype="bfloat16")
@@ -444,7 +443,7 @@ def test_gguf_records_whether_the_tokenizer_adds_bos(tmp_path, tiny_model):
     assert fields["tokenizer.ggml.add_bos_token"] is True
     assert fields["tokenizer.ggml.add_eos_token"] is False
     tokenized = call_isolated(
-        "lorakit.quantize:llama_cpp_tokenize",
+        "lorakit.quantization.gguf:llama_cpp_tokenize",
         {"gguf_file": str(tmp_path / "m.gguf"), "text": text},
         what="llama.cpp",
         doing="tokenizing",
@@ -458,7 +457,7 @@ def test_llama3_rope_scaling_is_exported(tmp_path, monkeypatch):
     rope_freqs tensor (without it, the same check fails)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    import lorakit.quantize
+    import lorakit.quantization.gguf
     from tests.conftest import build_tokenizer
 
     tokenizer = build_tokenizer(chat=True)
@@ -490,7 +489,7 @@ def test_llama3_rope_scaling_is_exported(tmp_path, monkeypatch):
     assert report.tensor_types["F32"] == 6  # 5 norms + rope_freqs
     good = verify_gguf(tmp_path / "m.gguf", str(folder), new_tokens=16)
     assert max(c.max_logit_diff for c in good) < 0.1
-    monkeypatch.setattr(lorakit.quantize, "_rope_frequency_factors", lambda *a: None)
+    monkeypatch.setattr(lorakit.quantization.gguf, "_rope_frequency_factors", lambda *a: None)
     export_gguf(str(folder), tmp_path / "unscaled.gguf")
     bad = verify_gguf(tmp_path / "unscaled.gguf", str(folder), new_tokens=16)
     assert min(c.max_logit_diff for c in bad) > 1

@@ -16,13 +16,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import lorakit.train as train_module
-from lorakit.checkpoint import list_checkpoints, read_checkpoint
+import lorakit.commands.train as train_module
 from lorakit.cli import app
+from lorakit.commands.train import train
 from lorakit.errors import LorakitError
 from lorakit.recipe import load_recipe
+from lorakit.resume import list_checkpoints, read_checkpoint
 from lorakit.tracking import read_metrics
-from lorakit.train import StopOnSignal, TrainingStopped, train
+from lorakit.training.signals import StopOnSignal, TrainingStopped
 from tests.conftest import FP32
 
 # 8 examples, micro-batch 2, 2 accumulation steps: 2 optimizer steps per epoch, so step 3 is in
@@ -171,7 +172,7 @@ def test_resume_refuses_a_changed_recipe_naming_the_key(stopped_run):
     assert all(line.startswith("error: ") for line in lines)
     assert "cannot be resumed exactly" in lines[0]
     assert "recipe changed: train.learning_rate: 0.01 → 0.02" in err
-    assert "pass --force" in lines[-1]
+    assert "pass --ignore-changes" in lines[-1]
     assert "Traceback" not in err
     # Bookkeeping keys may change freely.
     code, err = resume_cli(
@@ -198,9 +199,9 @@ def test_resume_refuses_changed_data_and_tokenizer_then_force(stopped_run):
     assert "recipe changed" not in err
     assert len(list_checkpoints(Path(recipe.output.dir))) == 1  # nothing was touched
 
-    code, err = resume_cli(path, "--force")
+    code, err = resume_cli(path, "--ignore-changes")
     assert code == 0, err
-    assert "warning: resuming with --force although data changed" in " ".join(err.split())
+    assert "warning: resuming with --ignore-changes although data changed" in " ".join(err.split())
     state = read_checkpoint(list_checkpoints(Path(recipe.output.dir))[-1][1]).state
     assert state.step == 4
 
@@ -235,7 +236,7 @@ def test_abort_during_a_checkpoint_write_leaves_no_partial_checkpoint(
     tiny_model, write_recipe, monkeypatch
 ):
     """A second Ctrl-C can land while a checkpoint is half written: the half is removed."""
-    import lorakit.checkpoint as checkpoint_module
+    import lorakit.resume as checkpoint_module
 
     recipe = load_recipe(
         write_recipe(tiny_model("llama"), quant=FP32, train={"max_steps": 4, "save_steps": 2})

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from lorakit.commands.train import train
 from lorakit.errors import LorakitError
 from lorakit.recipe import load_recipe
 from lorakit.tracking import read_metrics, tracker_config, truncate_metrics
-from lorakit.train import launched_one_cpu_process, train
+from lorakit.training.steps import launched_one_cpu_process
 from tests.conftest import FP32
 
 

@@ -7,12 +7,13 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
+from lorakit.commands.train import train
 from lorakit.data import collate, prepare_data
 from lorakit.loss import TokenNLL
 from lorakit.models import load_tokenizer
 from lorakit.peft_setup import build_trainable_model
 from lorakit.recipe import load_recipe
-from lorakit.train import forward_backward, train
+from lorakit.training.steps import forward_backward
 from tests.conftest import FP32, load_adapter_as_trained
 
 

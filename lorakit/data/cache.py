@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from itertools import chain
@@ -28,7 +27,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 import lorakit
-from lorakit.models import cache_root
+from lorakit.files import atomic_dir, cache_root
 
 CACHE_FORMAT = 1
 UNUSED_DAYS = 30
@@ -81,32 +80,25 @@ def store(key: str, input_ids: list[list[int]], labels: list[list[int]], stats: 
     """Write an entry atomically; a failure to write only costs the next run a re-tokenization."""
     root = cache_dir()
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        with atomic_dir(root / key) as staging:
+            offsets = np.cumsum([0] + [len(x) for x in input_ids], dtype=np.int64)
+            total = int(offsets[-1])
+            flat_ids = np.fromiter(chain.from_iterable(input_ids), np.int32, total)
+            flat_labels = np.fromiter(chain.from_iterable(labels), np.int32, total)
+            np.save(staging / "input_ids.npy", flat_ids)
+            np.save(staging / "labels.npy", flat_labels)
+            np.save(staging / "offsets.npy", offsets)
+            record = asdict(stats) if hasattr(stats, "__dataclass_fields__") else stats
+            (staging / "stats.json").write_text(json.dumps(record), encoding="utf-8")
     except OSError:
-        return
-    try:
-        offsets = np.cumsum([0] + [len(x) for x in input_ids], dtype=np.int64)
-        total = int(offsets[-1])
-        flat_ids = np.fromiter(chain.from_iterable(input_ids), np.int32, total)
-        flat_labels = np.fromiter(chain.from_iterable(labels), np.int32, total)
-        np.save(staging / "input_ids.npy", flat_ids)
-        np.save(staging / "labels.npy", flat_labels)
-        np.save(staging / "offsets.npy", offsets)
-        record = asdict(stats) if hasattr(stats, "__dataclass_fields__") else stats
-        (staging / "stats.json").write_text(json.dumps(record), encoding="utf-8")
-        os.replace(staging, root / key)
-    except OSError:
-        pass  # another process wrote the same entry first, or the disk is full
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        return  # a read-only or full disk: the next run tokenizes again
     _prune(root, keep=key)
 
 
 def _prune(root: Path, keep: str) -> None:
     cutoff = time.time() - UNUSED_DAYS * 86400
     for entry in root.iterdir():
-        if entry.name == keep or entry.name.startswith(".tmp-"):
+        if entry.name == keep or entry.name.startswith("."):  # staging folders
             continue
         try:
             if (entry / "stats.json").stat().st_mtime < cutoff:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import LorakitError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ChatSegment = tuple[str, int | None]
 """(text, index of the assistant message this text is the reply of, or None for prompt text)"""

@@ -1,10 +1,11 @@
 """Dataset formats: read one row into its format's fields, then into text segments marked
 trained or masked.
 
-Formats: `chat` (OpenAI `messages` with role/content), `sharegpt` (`conversations` with
-from/value), `alpaca` (instruction/input/output), `prompt_completion`, `text` (documents) and
-`tokenized` (`input_ids`, optional `labels`). A recipe's `columns` maps a file's own column
-names onto these fields.
+Each format is one `DataFormat` entry in `FORMATS` (at the end of this file): the fields that
+identify it for `format: auto`, the fields it reads (which a recipe's `columns:` may map onto a
+file's own column names), a one-line summary (help texts, the recipe reference), and its two
+steps: normalize a row into its fields (checked), and render those into segments. The recipe
+schema, auto-detection, its error message and the command-line help are all built from it.
 
 Segments are split exactly where the chat template switches between prompt and reply (see
 `chat.py`), so the label mask follows the template token by token. The end-of-turn / EOS token
@@ -13,16 +14,18 @@ that closes a reply belongs to the reply, so the model learns to stop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from lorakit.data.chat import ChatSegmenter, RowProblem, render_chat
 from lorakit.data.sources import Row
 from lorakit.errors import LorakitError
 
-__all__ = ["IGNORE_INDEX", "RowProblem", "render_chat", "render_prompt"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["FORMATS", "IGNORE_INDEX", "RowProblem", "render_chat", "render_prompt"]
 
 Segment = tuple[str, bool]
 """(text, trained)"""
@@ -52,16 +55,6 @@ PLAIN_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 
-# The fields that identify each format, in the order auto-detection tries them.
-_SIGNATURES = (
-    ("chat", ("messages",)),
-    ("sharegpt", ("conversations",)),
-    ("alpaca", ("instruction", "output")),
-    ("prompt_completion", ("prompt", "completion")),
-    ("tokenized", ("input_ids",)),
-    ("text", ("text",)),
-)
-
 
 @dataclass(frozen=True)
 class Tokens:
@@ -86,72 +79,85 @@ def detect_format(rows: list[Row], columns: dict[str, str] | None = None) -> str
     """The format the first rows' fields point to; the first row names the error."""
     for row in rows[:10]:
         keys = rename_columns(row.data, columns or {}).keys()
-        for fmt, fields in _SIGNATURES:
-            if all(f in keys for f in fields):
-                return fmt
+        for fmt in FORMATS.values():
+            if all(f in keys for f in fmt.signature):
+                return fmt.name
     keys = sorted(rows[0].data.keys())
     present = set(rename_columns(rows[0].data, columns or {}))
     partial = [
-        (fmt, [f for f in fields if f not in present])
-        for fmt, fields in _SIGNATURES
-        if len(fields) > 1 and any(f in present for f in fields)
+        (fmt, [f for f in fmt.signature if f not in present])
+        for fmt in FORMATS.values()
+        if len(fmt.signature) > 1 and any(f in present for f in fmt.signature)
     ]
     if partial:
         fmt, missing = partial[0]
         raise LorakitError(
-            f"{rows[0].where}: missing field {missing[0]!r}: the keys {keys} look like {fmt} "
-            f"data, which needs {' and '.join(repr(f) for f in dict(_SIGNATURES)[fmt])} "
+            f"{rows[0].where}: missing field {missing[0]!r}: the keys {keys} look like "
+            f"{fmt.name} data, which needs {' and '.join(repr(f) for f in fmt.signature)} "
             "(or set format: and columns:)"
         )
+    expected = ", ".join("+".join(repr(f) for f in fmt.signature) for fmt in FORMATS.values())
     raise LorakitError(
         f"{rows[0].where}: cannot tell the dataset format from keys {keys} "
-        "(expected 'messages', 'conversations', 'instruction'+'output', 'prompt'+'completion', "
-        "'input_ids' or 'text'; or set format: and columns:)"
+        f"(expected {expected}; or set format: and columns:)"
     )
 
 
 def normalize(data: dict[str, Any], fmt: str, columns: dict[str, str]) -> dict[str, Any]:
     """The row reduced to its format's fields, checked; raises RowProblem."""
     data = rename_columns(data, columns) if columns else data
-    field = _Fields(data, columns)
-    if fmt in ("chat", "sharegpt"):
-        name = "messages" if fmt == "chat" else "conversations"
-        return {"messages": _messages(field.get(name, list), name, columns)}
-    if fmt == "alpaca":
-        return {
-            "instruction": field.text("instruction"),
-            "input": field.optional_text("input"),
-            "output": field.text("output"),
-            "system": field.optional_text("system"),
-        }
-    if fmt == "prompt_completion":
-        prompt, completion = field.get("prompt", (str, list)), field.get("completion", (str, list))
-        if isinstance(prompt, str) and isinstance(completion, str):
-            if not completion.strip():
-                raise RowProblem(f"field {field.label('completion')} is empty")
-            return {"prompt": prompt, "completion": completion}
-        if isinstance(prompt, list) and isinstance(completion, list):
-            messages = _messages(prompt + completion, "prompt+completion", columns)
-            completion_roles = {m["role"] for m in messages[len(messages) - len(completion) :]}
-            if "assistant" not in completion_roles:
-                raise RowProblem("the completion has no assistant message to learn from")
-            return {"messages": messages, "first_reply": len(messages) - len(completion)}
-        raise RowProblem("'prompt' and 'completion' must both be strings or both message lists")
-    if fmt == "text":
-        return {"text": field.text("text")}
-    if fmt == "tokenized":
-        input_ids = field.get("input_ids", list)
-        labels = data.get("labels")
-        if not input_ids or not all(type(t) is int for t in input_ids):
-            raise RowProblem("'input_ids' must be a non-empty list of integers")
-        if labels is not None and (
-            not isinstance(labels, list)
-            or len(labels) != len(input_ids)
-            or not all(type(t) is int for t in labels)
-        ):
-            raise RowProblem("'labels' must be a list of integers as long as 'input_ids'")
-        return {"input_ids": input_ids, "labels": labels}
-    raise ValueError(fmt)
+    return FORMATS[fmt].normalize(_Fields(data, columns))
+
+
+def _normalize_chat(field: _Fields) -> dict[str, Any]:
+    return {"messages": _messages(field.get("messages", list), "messages", field.columns)}
+
+
+def _normalize_sharegpt(field: _Fields) -> dict[str, Any]:
+    name = "conversations"
+    return {"messages": _messages(field.get(name, list), name, field.columns)}
+
+
+def _normalize_alpaca(field: _Fields) -> dict[str, Any]:
+    return {
+        "instruction": field.text("instruction"),
+        "input": field.optional_text("input"),
+        "output": field.text("output"),
+        "system": field.optional_text("system"),
+    }
+
+
+def _normalize_prompt_completion(field: _Fields) -> dict[str, Any]:
+    prompt, completion = field.get("prompt", (str, list)), field.get("completion", (str, list))
+    if isinstance(prompt, str) and isinstance(completion, str):
+        if not completion.strip():
+            raise RowProblem(f"field {field.label('completion')} is empty")
+        return {"prompt": prompt, "completion": completion}
+    if isinstance(prompt, list) and isinstance(completion, list):
+        messages = _messages(prompt + completion, "prompt+completion", field.columns)
+        completion_roles = {m["role"] for m in messages[len(messages) - len(completion) :]}
+        if "assistant" not in completion_roles:
+            raise RowProblem("the completion has no assistant message to learn from")
+        return {"messages": messages, "first_reply": len(messages) - len(completion)}
+    raise RowProblem("'prompt' and 'completion' must both be strings or both message lists")
+
+
+def _normalize_text(field: _Fields) -> dict[str, Any]:
+    return {"text": field.text("text")}
+
+
+def _normalize_tokenized(field: _Fields) -> dict[str, Any]:
+    input_ids = field.get("input_ids", list)
+    labels = field.data.get("labels")
+    if not input_ids or not all(type(t) is int for t in input_ids):
+        raise RowProblem("'input_ids' must be a non-empty list of integers")
+    if labels is not None and (
+        not isinstance(labels, list)
+        or len(labels) != len(input_ids)
+        or not all(type(t) is int for t in labels)
+    ):
+        raise RowProblem("'labels' must be a list of integers as long as 'input_ids'")
+    return {"input_ids": input_ids, "labels": labels}
 
 
 class _Fields:
@@ -239,24 +245,10 @@ class Renderer:
 
     def segments(self, data: dict[str, Any], fmt: str) -> list[Segment] | Tokens:
         """A normalized row as text segments (or the row's own tokens); raises RowProblem."""
-        train_all = self.train_on == "all"
-        if fmt == "tokenized":
-            return Tokens(data["input_ids"], data["labels"])
-        if fmt == "text":
-            return self.document([(data["text"], True)])
-        if fmt == "prompt_completion" and "prompt" in data:
-            return self.document([(data["prompt"], train_all), (data["completion"], True)])
-        if fmt == "alpaca":
-            if self.segmenter is None:
-                template = PLAIN_PROMPT_WITH_INPUT if data["input"] else PLAIN_PROMPT
-                prompt = template.format(instruction=data["instruction"], input=data["input"])
-                return self.document([(prompt, train_all), (data["output"], True)])
-            user = alpaca_user_text(data["instruction"], data["input"])
-            messages = [{"role": "user", "content": user}]
-            messages.append({"role": "assistant", "content": data["output"]})
-            if data["system"]:
-                messages.insert(0, {"role": "system", "content": data["system"]})
-            data = {"messages": messages}
+        return FORMATS[fmt].render(self, data)
+
+    def conversation(self, data: dict[str, Any]) -> list[Segment]:
+        """Chat messages through the chat template, split at each reply."""
         return chat_segments(
             data["messages"],
             self.tokenizer,
@@ -264,6 +256,25 @@ class Renderer:
             data.get("first_reply", 0),
             self.segmenter,
         )
+
+    def alpaca(self, data: dict[str, Any]) -> list[Segment]:
+        """The chat template when the tokenizer has one, else lorakit's plain prompt."""
+        if self.segmenter is None:
+            template = PLAIN_PROMPT_WITH_INPUT if data["input"] else PLAIN_PROMPT
+            prompt = template.format(instruction=data["instruction"], input=data["input"])
+            return self.document([(prompt, self.train_on == "all"), (data["output"], True)])
+        user = alpaca_user_text(data["instruction"], data["input"])
+        messages = [{"role": "user", "content": user}]
+        messages.append({"role": "assistant", "content": data["output"]})
+        if data["system"]:
+            messages.insert(0, {"role": "system", "content": data["system"]})
+        return self.conversation({"messages": messages})
+
+    def prompt_completion(self, data: dict[str, Any]) -> list[Segment]:
+        if "prompt" not in data:
+            return self.conversation(data)
+        train_all = self.train_on == "all"
+        return self.document([(data["prompt"], train_all), (data["completion"], True)])
 
     def document(self, segments: list[Segment]) -> list[Segment]:
         """Raw text: BOS (as the tokenizer adds it), the segments, and a trained EOS."""
@@ -317,3 +328,75 @@ def bos_text(tokenizer: PreTrainedTokenizerBase) -> str:
         return ""
     added = tokenizer("a", add_special_tokens=True)["input_ids"]
     return bos if added and added[0] == tokenizer.bos_token_id else ""
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """One dataset format, everything about it in one place."""
+
+    name: str
+    signature: tuple[str, ...]
+    """The fields that identify it for `format: auto` (tried in the order of FORMATS)."""
+    fields: tuple[str, ...]
+    """Every field it reads: what a recipe's `columns:` may map."""
+    summary: str
+    normalize: Callable[[_Fields], dict[str, Any]]
+    render: Callable[[Renderer, dict[str, Any]], list[Segment] | Tokens]
+
+
+FORMATS: dict[str, DataFormat] = {
+    f.name: f
+    for f in (
+        DataFormat(
+            "chat",
+            ("messages",),
+            ("messages", "role", "content"),
+            "`messages`: OpenAI-style role/content turns",
+            _normalize_chat,
+            Renderer.conversation,
+        ),
+        DataFormat(
+            "sharegpt",
+            ("conversations",),
+            ("conversations", "role", "content"),
+            "`conversations`: ShareGPT from/value turns",
+            _normalize_sharegpt,
+            Renderer.conversation,
+        ),
+        DataFormat(
+            "alpaca",
+            ("instruction", "output"),
+            ("instruction", "input", "output", "system"),
+            "`instruction` (+ `input`) and `output`",
+            _normalize_alpaca,
+            Renderer.alpaca,
+        ),
+        DataFormat(
+            "prompt_completion",
+            ("prompt", "completion"),
+            ("prompt", "completion", "role", "content"),
+            "`prompt` and `completion`: strings, or message lists",
+            _normalize_prompt_completion,
+            Renderer.prompt_completion,
+        ),
+        DataFormat(
+            "tokenized",
+            ("input_ids",),
+            ("input_ids", "labels"),
+            "`input_ids` (+ `labels`): used as they are",
+            _normalize_tokenized,
+            lambda renderer, data: Tokens(data["input_ids"], data["labels"]),
+        ),
+        DataFormat(
+            "text",
+            ("text",),
+            ("text",),
+            "`text`: documents, joined and cut into max_seq_len chunks",
+            _normalize_text,
+            lambda renderer, data: renderer.document([(data["text"], True)]),
+        ),
+    )
+}
+"""Every format, in the order `format: auto` tries them."""
+FORMAT_FIELDS = tuple(dict.fromkeys(f for fmt in FORMATS.values() for f in fmt.fields))
+"""Every field some format reads: the names `columns:` may map."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
-from lorakit.models import hash_file_into, looks_like_hub_id
+from lorakit.files import hash_file_into, looks_like_hub_id
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt")
 _SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")

@@ -1,16 +1,10 @@
-"""`lorakit quantize`: a 4-bit bitsandbytes model (NF4 or FP4, with or without double
-quantization) with its cost measured, and GGUF export for llama.cpp and ollama.
+"""GGUF export for llama.cpp and ollama, and its check in llama.cpp.
 
-4-bit: every linear layer except the output head is quantized by bitsandbytes exactly as
-transformers does when it loads a model with a `BitsAndBytesConfig` (same layers, same packed
-bytes: a test checks it), except that the block size is the user's choice. Sizes and bits per
-parameter are measured from the tensors actually written, and the saved folder is the standard
-bitsandbytes serialization that `AutoModelForCausalLM.from_pretrained` loads.
-
-GGUF: tensors are renamed with gguf-py's tensor map and written with its `GGUFWriter`, one tensor
-at a time (the file is never held in memory); the tokenizer (byte-level BPE), its special tokens
-and the chat template go into the metadata. `verify_gguf` runs the file in llama.cpp
-(llama-cpp-python) and compares its greedy tokens with transformers'.
+Tensors are renamed with gguf-py's tensor map and written with its `GGUFWriter`, one tensor at a
+time (the file is never held in memory); the tokenizer (byte-level BPE), its special tokens and
+the chat template go into the metadata. `verify_gguf` runs the file in llama.cpp
+(llama-cpp-python, in a child process: `lorakit.isolated`) and compares its greedy tokens and
+logits with transformers'.
 """
 
 from __future__ import annotations
@@ -19,443 +13,50 @@ import importlib.util
 import inspect
 import json
 import math
-import os
-import struct
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from lorakit.checkpoint import (
-    ADAPTER_DIR,
-    PROVENANCE_FILE,
-    adapter_folder_in,
-    atomic_dir,
-    check_writable,
-    write_json,
-)
-from lorakit.data import make_loader
 from lorakit.data.formats import render_prompt
-from lorakit.data.pipeline import Example, load_rows, tokenize_rows
 from lorakit.errors import LorakitError
-from lorakit.evaluate import evaluate_loss, perplexity
+from lorakit.files import atomic_file
 from lorakit.isolated import call_isolated
-from lorakit.loss import TokenNLL
 from lorakit.models import (
-    ResolvedModel,
     load_config,
-    load_tokenizer,
-    provenance_header,
-    resolve_model,
 )
-from lorakit.peft_setup import (
-    build_4bit_config,
-    choose_compute_dtype,
-    keep_4bit_layers_differentiable,
-    linear_modules,
-)
-from lorakit.recipe import DatasetSpec
-
-METHODS = ("nf4", "fp4")
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-def paper_bits_per_parameter(double_quant: bool, blocksize: int) -> float:
-    """The QLoRA paper's storage cost of blockwise 4-bit quantization: 4 bits per weight plus a
-    32-bit absmax per block, or with double quantization an 8-bit absmax per block plus a 32-bit
-    constant per 256 blocks (4.5 and 4.127 bits at block size 64)."""
-    if double_quant:
-        return 4 + 8 / blocksize + 32 / (blocksize * 256)
-    return 4 + 32 / blocksize
-
-
-# ---------------------------------------------------------------------------------------------
-# What may be quantized or exported
-
-
-def resolve_source(reference: str) -> ResolvedModel:
-    """A full-precision model: refuse adapters, run folders and already-quantized models."""
-    path = Path(reference).expanduser()
-    if path.is_dir():
-        _refuse_adapter(path, reference)
-    resolved = resolve_model(reference)
-    config = load_config(resolved.location)
-    existing = getattr(config, "quantization_config", None)
-    if existing:
-        raise LorakitError(
-            f"{reference} is already quantized ({_describe_quantization(existing)}): "
-            "start from its full-precision or merged model"
-        )
-    return resolved
-
-
-def _refuse_adapter(path: Path, reference: str) -> None:
-    folder = adapter_folder_in(path)
-    if folder == path:
-        merged = path.parent / "merged" if path.name == ADAPTER_DIR else Path(f"{path}-merged")
-        raise LorakitError(
-            f"{reference} is a LoRA adapter, not a model: merge it into its base first with "
-            f"`lorakit merge {reference} --out {merged}`, then quantize {merged}"
-        )
-    if folder is not None:
-        merged = path / "merged"
-        raise LorakitError(
-            f"{reference} is a training run (its adapter is not a model): merge it into its base "
-            f"first with `lorakit merge {reference} --out {merged}`, then quantize {merged}"
-        )
-
-
-def _describe_quantization(existing: Any) -> str:
-    info = existing if isinstance(existing, dict) else existing.to_dict()
-    method = info.get("quant_method", "quantized")
-    detail = info.get("bnb_4bit_quant_type") if info.get("load_in_4bit") else None
-    return f"{method} {detail}" if detail else str(method)
-
-
-def check_output(out: Path, overwrite: bool, source: ResolvedModel, is_file: bool) -> None:
-    """Refuse to replace existing output unless asked, and never the source itself."""
-    if Path(source.location).resolve() == out.resolve():
-        raise LorakitError(f"--out: {out} is the source model; choose another path")
-    if out.exists() and out.is_dir() == is_file:
-        kind = "a folder" if out.is_dir() else "a file"
-        raise LorakitError(f"--out: {out} exists and is {kind}")
-    occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
-    if occupied and not overwrite:
-        raise LorakitError(f"--out: {out} already exists (pass --overwrite to replace it)")
-    check_writable(out if not is_file else out.parent, "--out")
-
-
-# ---------------------------------------------------------------------------------------------
-# 4-bit (bitsandbytes)
-
-
-@dataclass
-class LayerStats:
-    name: str
-    parameters: int
-    relative_error: float
-    """||W - dequant(quant(W))|| / ||W|| (Frobenius)."""
-    block_bytes: int = 0
-    """Stored packed 4-bit data + per-block scales (absmax, and nested absmax with DQ)."""
-    stored_bytes: int = 0
-    """Everything stored for the layer's weight, per-tensor constants (code maps, state) too."""
-
-    @property
-    def block_bits(self) -> float:
-        return 8 * self.block_bytes / self.parameters
-
-    @property
-    def stored_bits(self) -> float:
-        return 8 * self.stored_bytes / self.parameters
-
-
-def weighted_error(layers: list[LayerStats]) -> float:
-    """Parameter-weighted mean of the layers' relative errors."""
-    return sum(x.relative_error * x.parameters for x in layers) / sum(x.parameters for x in layers)
-
-
-def layers_by_kind(layers: list[LayerStats]) -> dict[str, list[LayerStats]]:
-    """Layers grouped by their last name part (q_proj, down_proj, ...), in first-seen order."""
-    groups: dict[str, list[LayerStats]] = {}
-    for layer in layers:
-        groups.setdefault(layer.name.rsplit(".", 1)[-1], []).append(layer)
-    return groups
-
-
-@dataclass
-class QuantizeReport:
-    source: str
-    out: str
-    method: str
-    double_quant: bool
-    blocksize: int
-    dtype: str
-    """Dtype of the tensors left unquantized, and the 4-bit compute dtype."""
-    parameters: int
-    quantized_parameters: int
-    fp16_bytes: int
-    """2 bytes per parameter: what the same model takes in fp16."""
-    disk_bytes: int
-    memory_bytes: int
-    layers: list[LayerStats] = field(default_factory=list)
-    loss_before: float | None = None
-    loss_after: float | None = None
-    eval_tokens: int | None = None
-
-    @property
-    def block_bits(self) -> float:
-        return 8 * sum(x.block_bytes for x in self.layers) / self.quantized_parameters
-
-    @property
-    def stored_bits(self) -> float:
-        return 8 * sum(x.stored_bytes for x in self.layers) / self.quantized_parameters
-
-    @property
-    def paper_bits(self) -> float:
-        return paper_bits_per_parameter(self.double_quant, self.blocksize)
-
-    @property
-    def mean_error(self) -> float:
-        return weighted_error(self.layers)
-
-    @property
-    def worst_layer(self) -> LayerStats:
-        return max(self.layers, key=lambda x: x.relative_error)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["layers"] = [
-            {**asdict(x), "block_bits": x.block_bits, "stored_bits": x.stored_bits}
-            for x in self.layers
-        ]
-        data.update(
-            block_bits_per_parameter=self.block_bits,
-            stored_bits_per_parameter=self.stored_bits,
-            paper_bits_per_parameter=self.paper_bits,
-            mean_relative_error=self.mean_error,
-            perplexity_before=None if self.loss_before is None else perplexity(self.loss_before),
-            perplexity_after=None if self.loss_after is None else perplexity(self.loss_after),
-        )
-        return data
-
-
-def reconstruction_error(
-    weight: torch.Tensor, method: str, double_quant: bool, blocksize: int = 64
-) -> float:
-    """Relative error of one 4-bit round trip of `weight` through bitsandbytes."""
-    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
-
-    packed, state = quantize_4bit(
-        weight, blocksize=blocksize, compress_statistics=double_quant, quant_type=method
-    )
-    return _relative_error(weight, dequantize_4bit(packed, state))
-
-
-def _relative_error(original: torch.Tensor, restored: torch.Tensor) -> float:
-    original = original.float()
-    return ((original - restored.float()).norm() / original.norm()).item()
-
-
-def quantize_linear_layers(
-    model: PreTrainedModel, method: str, double_quant: bool, blocksize: int
-) -> list[LayerStats]:
-    """Replace every linear layer but the output head with a bitsandbytes `Linear4bit`, in
-    place, measuring each layer's reconstruction error on the way."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
-
-    modules = dict(model.named_modules())
-    weights = {name: _weight_out_in(modules[name]) for name in linear_modules(model)}
-    check_blocksize(weights, blocksize)
-    stats: list[LayerStats] = []
-    for name, weight in weights.items():
-        module = modules[name]
-        layer = bnb.nn.Linear4bit(
-            weight.shape[1],
-            weight.shape[0],
-            bias=module.bias is not None,
-            compute_dtype=weight.dtype,
-            compress_statistics=double_quant,
-            quant_type=method,
-            quant_storage=torch.uint8,
-            device="meta",
-        )
-        layer.weight = bnb.nn.Params4bit(
-            weight,
-            requires_grad=False,
-            blocksize=blocksize,
-            compress_statistics=double_quant,
-            quant_type=method,
-            quant_storage=torch.uint8,
-            module=layer,
-        ).to(weight.device)  # quantizes here
-        if module.bias is not None:
-            layer.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
-        restored = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-        stats.append(LayerStats(name, weight.numel(), _relative_error(weight, restored)))
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, layer)
-    return stats
-
-
-def _weight_out_in(module: torch.nn.Module) -> torch.Tensor:
-    weight = module.weight.data
-    if type(module).__name__ == "Conv1D":  # GPT-2 stores [in, out]; Linear4bit wants [out, in]
-        weight = weight.t()
-    return weight.contiguous()
-
-
-def check_blocksize(weights: dict[str, torch.Tensor], blocksize: int) -> None:
-    """Refuse blocks that would span two rows of a weight: bitsandbytes (0.50) quantizes them
-    correctly but its CPU kernels dequantize them wrongly (measured: relative error 0.2-0.3
-    instead of 0.09), so the model would compute garbage on the CPU."""
-    for name, weight in weights.items():
-        row = weight.shape[-1]
-        if row % blocksize:
-            fitting = [b for b in BLOCKSIZES if all(w.shape[-1] % b == 0 for w in weights.values())]
-            raise LorakitError(
-                f"--blocksize: {blocksize} does not divide the rows of {name} ({row} values), "
-                "and bitsandbytes' CPU kernels dequantize blocks spanning two rows wrongly; "
-                f"block sizes that fit this model: {', '.join(map(str, fitting)) or 'none'}"
-            )
-
-
-def memory_bytes(model: torch.nn.Module) -> int:
-    """Bytes the model holds: parameters, buffers and the 4-bit quantization state, each
-    storage counted once (tied embeddings share one)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None:
-            tensors += [state.absmax, state.code]
-            if state.nested:
-                tensors += [state.state2.absmax, state.state2.code]
-    seen: set[int] = set()
-    total = 0
-    for tensor in tensors:
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def stored_tensor_bytes(folder: Path) -> dict[str, int]:
-    """Bytes of every tensor in the folder's safetensors files, read from their headers."""
-    sizes: dict[str, int] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with file.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        for key, info in header.items():
-            if key != "__metadata__":
-                start, end = info["data_offsets"]
-                sizes[key] = end - start
-    return sizes
-
-
-def _measure_stored(layers: list[LayerStats], sizes: dict[str, int]) -> None:
-    for layer in layers:
-        weight = f"{layer.name}.weight"
-        keys = [k for k in sizes if k == weight or k.startswith(weight + ".")]
-        if weight not in sizes or len(keys) < 2:
-            raise RuntimeError(f"{layer.name}: no 4-bit weight in the saved files")
-        block = (weight, f"{weight}.absmax", f"{weight}.nested_absmax")
-        layer.block_bytes = sum(sizes[k] for k in keys if k in block)
-        layer.stored_bytes = sum(sizes[k] for k in keys)
-
-
-def load_eval_examples(
-    data: Path, tokenizer, max_seq_len: int, train_on: str = "completions"
-) -> list[Example]:
-    """The --data file through the training pipeline (same formats, template and masking)."""
-    rows = load_rows([DatasetSpec(path=str(data))])
-    examples, _ = tokenize_rows(rows, tokenizer, max_seq_len, train_on)
-    if not examples:
-        raise LorakitError(f"--data: {data}: no example has a trained token within {max_seq_len}")
-    return examples
-
-
-def mean_token_nll(
-    model: torch.nn.Module, examples: list[Example], batch_size: int, pad_id: int
-) -> float:
-    loader = make_loader(examples, batch_size, pad_id, seed=0, shuffle=False)
-    return evaluate_loss(TokenNLL(model), loader, Accelerator(cpu=True))
-
-
-def quantize_model(
-    source: str,
-    out: Path,
-    *,
-    method: str = "nf4",
-    double_quant: bool = True,
-    blocksize: int = 64,
-    dtype: str = "auto",
-    data: Path | None = None,
-    max_seq_len: int = 512,
-    batch_size: int = 4,
-    overwrite: bool = False,
-) -> QuantizeReport:
-    """Quantize `source` to 4 bits and save it (bitsandbytes serialization) in `out`."""
-    if method not in METHODS:
-        raise LorakitError(f"--method: {method!r} is not one of {', '.join(METHODS)}")
-    if blocksize not in BLOCKSIZES:
-        raise LorakitError(f"--blocksize: {blocksize} is not one of {BLOCKSIZES}")
-    resolved = resolve_source(source)
-    check_output(out, overwrite, resolved, is_file=False)
-    compute_dtype = choose_compute_dtype(dtype, torch.device("cpu"))
-    tokenizer = load_tokenizer(resolved.location)
-    examples = load_eval_examples(data, tokenizer, max_seq_len) if data else None
-
-    model = AutoModelForCausalLM.from_pretrained(resolved.location, dtype=compute_dtype)
-    model.eval()
-    parameters = sum(p.numel() for p in model.parameters())
-    pad_id = tokenizer.pad_token_id
-    loss_before = mean_token_nll(model, examples, batch_size, pad_id) if examples else None
-
-    layers = quantize_linear_layers(model, method, double_quant, blocksize)
-    model.config.quantization_config = build_4bit_config(method, double_quant, compute_dtype)
-    # Without this, bitsandbytes repacks the weights on this CPU at the first no-grad forward
-    # (lossily: absmax goes to bf16), and save_pretrained would write the repacked values.
-    keep_4bit_layers_differentiable(model)
-    loss_after = mean_token_nll(model, examples, batch_size, pad_id) if examples else None
-
-    report = QuantizeReport(
-        source=source,
-        out=str(out),
-        method=method,
-        double_quant=double_quant,
-        blocksize=blocksize,
-        dtype=str(compute_dtype).removeprefix("torch."),
-        parameters=parameters,
-        quantized_parameters=sum(x.parameters for x in layers),
-        fp16_bytes=2 * parameters,
-        disk_bytes=0,
-        memory_bytes=memory_bytes(model),
-        layers=layers,
-        loss_before=loss_before,
-        loss_after=loss_after,
-        eval_tokens=sum(e.trained_tokens for e in examples) if examples else None,
-    )
-    with atomic_dir(out) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        sizes = stored_tensor_bytes(staging)
-        _measure_stored(layers, sizes)
-        report.disk_bytes = sum(f.stat().st_size for f in staging.glob("*.safetensors"))
-        write_json(staging / PROVENANCE_FILE, _provenance(resolved, report.to_dict()))
-    return report
-
-
-def _provenance(resolved: ResolvedModel, quantization: dict[str, Any]) -> dict[str, Any]:
-    return {**provenance_header(resolved), "quantization": quantization}
-
-
-# ---------------------------------------------------------------------------------------------
-# GGUF
+from lorakit.quantization.source import check_output, mib, resolve_source
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 """Types the gguf package can write (it quantizes these in numpy, as llama.cpp does)."""
 
+
 # HF model_type -> llama.cpp architecture name.
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+
 
 # llama.cpp's `llama` architecture rotates adjacent pairs of q/k dimensions; transformers'
 # Llama rotates the two halves of each head. The rows of q_proj/k_proj are reordered to match.
 _INTERLEAVE_ROPE = {"llama"}
 
+
 # Pre-tokenizers lorakit recognizes, mapped to llama.cpp's names for them.
 _GPT2_SPLIT = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
+
+
 _LLAMA3_SPLIT = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
     "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
+
+
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace("\\p{N}{1,3}", "\\p{N}")
+
+
 _PRE_TOKENIZERS = {
     (("ByteLevel", True),): "gpt-2",
     (("Split", _GPT2_SPLIT), ("ByteLevel", False)): "gpt-2",
@@ -747,26 +348,21 @@ def export_gguf(
                 item.name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=item.ggml_type
             )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        writer.write_header_to_file(staging)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for item in plan:
-            tensor = state[item.source]
-            if arch in _INTERLEAVE_ROPE and item.source.endswith(("q_proj.weight", "q_proj.bias")):
-                tensor = _interleave_rope_rows(tensor, heads)
-            elif arch in _INTERLEAVE_ROPE and item.source.endswith(
-                ("k_proj.weight", "k_proj.bias")
-            ):
-                tensor = _interleave_rope_rows(tensor, kv_heads)
-            writer.write_tensor_data(_gguf_data(tensor, item.ggml_type))
-        writer.close()
-        os.replace(staging, out)
+        with atomic_file(out) as staging:
+            writer.write_header_to_file(staging)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for item in plan:
+                tensor = state[item.source]
+                q_rows = item.source.endswith(("q_proj.weight", "q_proj.bias"))
+                k_rows = item.source.endswith(("k_proj.weight", "k_proj.bias"))
+                if arch in _INTERLEAVE_ROPE and (q_rows or k_rows):
+                    tensor = _interleave_rope_rows(tensor, heads if q_rows else kv_heads)
+                writer.write_tensor_data(_gguf_data(tensor, item.ggml_type))
+            writer.close()
     finally:
         writer.close()
-        staging.unlink(missing_ok=True)
 
     counts: dict[str, int] = {}
     for item in plan:
@@ -797,9 +393,6 @@ _FILE_TYPES = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# Checking a GGUF file in llama.cpp
-
 DEFAULT_CHECK_PROMPTS = (
     "What is the capital of France?",
     "Write a short poem about the sea.",
@@ -821,8 +414,10 @@ class PromptCheck:
     max_logit_diff: float
 
 
-LLAMA_CPP_SCORER = "lorakit.quantize:llama_cpp_scores"
+LLAMA_CPP_SCORER = "lorakit.quantization.gguf:llama_cpp_scores"
 """The function the verify child runs (a name, so a test can point it at a crashing one)."""
+
+
 LLAMA_CPP_HINT = (
     "llama-cpp-python may be compiled for another CPU, or use instructions this machine does "
     'not allow (AMX, AVX-512); reinstall it portably: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip '
@@ -950,74 +545,6 @@ def _greedy_tokens(model: PreTrainedModel, ids: list[int], count: int) -> list[i
     return tokens
 
 
-# ---------------------------------------------------------------------------------------------
-# Tables
-
-
-def _mib(size: int) -> str:
-    return f"{size / 2**20:,.1f} MiB"
-
-
-def report_tables(report: QuantizeReport) -> list[Table]:
-    """The summary, and the reconstruction error per kind of layer (every layer is in the
-    lorakit.json written with the model)."""
-    summary = Table(title="lorakit quantize", show_header=False, title_justify="left")
-    double = " + double quant" if report.double_quant else ""
-    summary.add_row("model", f"{report.source} → {report.out}")
-    summary.add_row(
-        "method", f"{report.method}{double}, block size {report.blocksize}, {report.dtype}"
-    )
-    summary.add_row(
-        "parameters quantized",
-        f"{report.quantized_parameters:,} of {report.parameters:,} "
-        f"({100 * report.quantized_parameters / report.parameters:.1f}%, "
-        f"{len(report.layers)} linear layers; embeddings, norms and head stay {report.dtype})",
-    )
-    summary.add_row(
-        "size on disk",
-        f"{_mib(report.disk_bytes)} vs {_mib(report.fp16_bytes)} in fp16 "
-        f"({report.fp16_bytes / report.disk_bytes:.2f}x smaller; "
-        f"{8 * report.disk_bytes / report.parameters:.2f} bits/param overall)",
-    )
-    summary.add_row(
-        "size in memory",
-        f"{_mib(report.memory_bytes)} vs {_mib(report.fp16_bytes)} in fp16 "
-        f"({report.fp16_bytes / report.memory_bytes:.2f}x smaller)",
-    )
-    summary.add_row(
-        "bits per quantized parameter",
-        f"{report.block_bits:.3f} measured (4-bit data + block scales; QLoRA formula "
-        f"{report.paper_bits:.3f}); {report.stored_bits:.3f} with per-tensor constants",
-    )
-    worst = report.worst_layer
-    summary.add_row(
-        "reconstruction error",
-        f"{report.mean_error:.4f} mean relative (||W-Ŵ||/||W||), "
-        f"worst {worst.relative_error:.4f} ({worst.name})",
-    )
-    if report.loss_before is not None and report.loss_after is not None:
-        before, after = perplexity(report.loss_before), perplexity(report.loss_after)
-        summary.add_row(
-            "perplexity",
-            f"{before:.3f} → {after:.3f} ({100 * (after / before - 1):+.2f}%) "
-            f"on {report.eval_tokens:,} tokens",
-        )
-    layers = Table(title="reconstruction error by layer kind", title_justify="left")
-    for column in ("layer", "layers", "parameters", "mean error", "max error", "bits/param"):
-        layers.add_column(column, justify="left" if column == "layer" else "right")
-    for kind, members in layers_by_kind(report.layers).items():
-        params = sum(x.parameters for x in members)
-        layers.add_row(
-            kind,
-            str(len(members)),
-            f"{params:,}",
-            f"{weighted_error(members):.4f}",
-            f"{max(x.relative_error for x in members):.4f}",
-            f"{8 * sum(x.block_bytes for x in members) / params:.3f}",
-        )
-    return [summary, layers]
-
-
 def gguf_table(report: GgufReport, checks: list[PromptCheck]) -> Table:
     table = Table(title="lorakit quantize --format gguf", show_header=False, title_justify="left")
     table.add_row("model", f"{report.source} ({report.architecture}) → {report.out}")
@@ -1025,7 +552,7 @@ def gguf_table(report: GgufReport, checks: list[PromptCheck]) -> Table:
     table.add_row("tensors", f"{sum(report.tensor_types.values())} ({types})")
     table.add_row(
         "size",
-        f"{_mib(report.file_bytes)} for {report.parameters:,} parameters "
+        f"{mib(report.file_bytes)} for {report.parameters:,} parameters "
         f"({report.bits_per_parameter:.2f} bits/param)",
     )
     table.add_row(

@@ -20,15 +20,6 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from lorakit.checkpoint import (
-    ADAPTER_CONFIG,
-    ADAPTER_DIR,
-    PROVENANCE_FILE,
-    RECIPE_FILE,
-    adapter_folder_in,
-    resolve_adapter_base,
-    tokenizer_location,
-)
 from lorakit.errors import LorakitError
 from lorakit.models import load_tokenizer, resolve_model
 from lorakit.peft_setup import (
@@ -38,6 +29,15 @@ from lorakit.peft_setup import (
     keep_4bit_layers_differentiable,
 )
 from lorakit.recipe import DataSection, QuantSection, Recipe, load_recipe
+from lorakit.run_folder import (
+    ADAPTER_CONFIG,
+    ADAPTER_DIR,
+    PROVENANCE_FILE,
+    RECIPE_FILE,
+    adapter_folder_in,
+    resolve_adapter_base,
+    tokenizer_location,
+)
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,53 @@ from collections.abc import Iterable
 from typing import TextIO
 
 import torch
+from rich.console import Console
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
+from lorakit.artifacts import LoadedTarget, load_target, resolve_target
 from lorakit.data.formats import render_chat, render_prompt
-from lorakit.evaluate import greedy_continuations, stop_token_ids
-from lorakit.targets import LoadedTarget
+from lorakit.decoding import greedy_continuations, stop_token_ids
+from lorakit.errors import LorakitError
 
 Message = dict[str, str]
 COMMANDS = "/reset starts a new conversation, /exit (or end of input) quits"
+
+
+def generate(
+    target: str,
+    prompts: list[str],
+    *,
+    chat_mode: bool = False,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    load_in_4bit: bool | None = None,
+    dtype: str | None = None,
+    console: Console,
+) -> None:
+    """Answers to `prompts` on stdout (batched), then an interactive chat when asked."""
+    from accelerate import Accelerator
+
+    if not prompts and not chat_mode:
+        raise LorakitError("generate: give --prompt TEXT or --chat")
+    for number, text in enumerate(prompts, start=1):
+        if not text.strip():
+            which = f" #{number}" if len(prompts) > 1 else ""
+            raise LorakitError(f"--prompt{which} is empty: give the text to answer")
+    resolved = resolve_target(target)
+    loaded = load_target(resolved, Accelerator().device, load_in_4bit, dtype)
+    console.print(f"{resolved.label()} ({resolved.kind}, {loaded.precision})")
+    if prompts:
+        answers = answer_prompts(loaded, prompts, max_new_tokens, system, batch_size)
+        for question, answer in zip(prompts, answers, strict=True):
+            if len(prompts) > 1:
+                print(f"> {question}")
+            print(answer)
+    if chat_mode:
+        interactive = sys.stdin.isatty()
+        if interactive:
+            console.print(COMMANDS)
+        chat(loaded, sys.stdin, max_new_tokens, system, show_prompt=interactive)
 
 
 def conversation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:

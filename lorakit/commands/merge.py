@@ -33,43 +33,28 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from lorakit.checkpoint import (
+from lorakit.data.formats import render_prompt
+from lorakit.decoding import stop_token_ids
+from lorakit.dtypes import COMPUTE_DTYPES, DTYPE_CHOICES, dtype_name, torch_dtype
+from lorakit.errors import LorakitError
+from lorakit.files import atomic_dir, check_writable, file_digest, safetensors_digests, write_json
+from lorakit.merge_methods import DEFAULT_METHOD, MERGE_METHODS
+from lorakit.models import ResolvedModel, load_config, load_tokenizer, resolve_model
+from lorakit.peft_setup import keep_4bit_layers_differentiable, load_base_model
+from lorakit.recipe import Recipe, load_recipe
+from lorakit.run_folder import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     PROVENANCE_FILE,
     RECIPE_FILE,
     adapter_folder_in,
     adapter_provenance,
-    atomic_dir,
     base_reference_of,
-    check_writable,
+    provenance,
     resolve_adapter_base,
     tokenizer_location,
-    write_json,
 )
-from lorakit.data.formats import render_prompt
-from lorakit.errors import LorakitError
-from lorakit.evaluate import stop_token_ids
-from lorakit.models import (
-    ResolvedModel,
-    file_digest,
-    load_config,
-    load_tokenizer,
-    provenance_header,
-    resolve_model,
-    safetensors_digests,
-)
-from lorakit.peft_setup import DTYPES, keep_4bit_layers_differentiable, load_base_model
-from lorakit.recipe import Recipe, load_recipe
 
-METHODS = ("linear", "cat", "svd", "ties", "dare_ties", "dare_linear", "magnitude_prune")
-# These combine the A and B factors entry by entry, which only lines up when every adapter has
-# the same rank on the same modules.
-FACTORWISE_METHODS = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
-DENSITY_METHODS = ("ties", "dare_ties", "dare_linear", "magnitude_prune")
-# `cat` stacks the factors, so the merged delta is exactly sum(w_i * scale_i * B_i @ A_i): the
-# plain weighted sum, with no approximation, which is what merging into the weights wants.
-DEFAULT_METHOD = "cat"
 BASES = ("original", "dequantized")
 COMBINED = "combined"
 VERIFY_NEW_TOKENS = 16
@@ -110,7 +95,7 @@ class MergeOptions:
     verify_prompts: int = 4
     tolerance: float | None = None
     max_shard_size: str = "5GB"
-    force: bool = False
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)
@@ -218,13 +203,15 @@ def check_options(options: MergeOptions, count: int) -> None:
         raise LorakitError("--out: say where to write the merged model, e.g. --out merged/")
     if options.base not in BASES:
         raise LorakitError(f"--base: unknown base {options.base!r} (choose {', '.join(BASES)})")
-    if options.dtype != "auto" and options.dtype not in DTYPES:
+    if options.dtype not in DTYPE_CHOICES:
         raise LorakitError(
-            f"--dtype: unknown dtype {options.dtype!r} (choose auto, {', '.join(DTYPES)})"
+            f"--dtype: unknown dtype {options.dtype!r} (choose {', '.join(DTYPE_CHOICES)})"
         )
     method = options.method
-    if method is not None and method not in METHODS:
-        raise LorakitError(f"--method: unknown method {method!r} (choose {', '.join(METHODS)})")
+    if method is not None and method not in MERGE_METHODS:
+        raise LorakitError(
+            f"--method: unknown method {method!r} (choose {', '.join(MERGE_METHODS)})"
+        )
     if method is not None and count == 1:
         raise LorakitError(
             f"--method {method}: a method combines several adapters; add them with --adapter"
@@ -234,30 +221,30 @@ def check_options(options: MergeOptions, count: int) -> None:
             f"--weights: {len(options.weights)} weight(s) for {count} adapter(s); "
             "give one weight per adapter, in order"
         )
-    chosen = method or DEFAULT_METHOD
+    chosen = MERGE_METHODS[method or DEFAULT_METHOD]
+    pruning = [m.name for m in MERGE_METHODS.values() if m.density]
     if options.density is not None:
-        if count == 1 or chosen not in DENSITY_METHODS:
-            raise LorakitError(
-                f"--density: only the methods {', '.join(DENSITY_METHODS)} prune by density"
-            )
+        if count == 1 or not chosen.density:
+            raise LorakitError(f"--density: only the methods {', '.join(pruning)} prune by density")
         if not 0 < options.density <= 1:
             raise LorakitError(f"--density: must be in (0, 1] (got {options.density})")
-    elif count > 1 and chosen in DENSITY_METHODS:
+    elif count > 1 and chosen.density:
         raise LorakitError(
-            f"--density: method {chosen} needs the fraction of weights it keeps, e.g. --density 0.5"
+            f"--density: method {chosen.name} needs the fraction of weights it keeps, "
+            "e.g. --density 0.5"
         )
     if options.verify_prompts < 1:
         raise LorakitError("--verify-prompts: must be at least 1")
     if options.tolerance is not None and not options.tolerance > 0:
         raise LorakitError(f"--tolerance: must be positive (got {options.tolerance})")
-    check_out_dir(options.out, options.force)
+    check_out_dir(options.out, options.overwrite)
 
 
-def check_out_dir(out: Path, force: bool) -> None:
+def check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise LorakitError(f"--out: {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise LorakitError(f"--out: {out} is not empty (pass --force to replace it)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LorakitError(f"--out: {out} is not empty (pass --overwrite to replace it)")
     check_writable(out, "--out")
 
 
@@ -294,7 +281,7 @@ def check_combinable(adapters: list[Adapter], method: str) -> None:
                 f"{adapter.folder}: modules_to_save ({', '.join(saved)}) "
                 "are whole trained copies and cannot be combined or reweighted; merge it alone"
             )
-    if method not in FACTORWISE_METHODS:
+    if not MERGE_METHODS[method].factorwise:
         return
     first = adapters[0]
     for other in adapters[1:]:
@@ -409,11 +396,10 @@ def merge_dtype(setting: str, config: Any) -> torch.dtype:
     """`auto`: the dtype the base checkpoint (`config`) is stored in (float32 when it does not
     say)."""
     if setting != "auto":
-        return DTYPES[setting]
+        return torch_dtype(setting)
     stored = getattr(config, "dtype", None)
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
-    return stored if stored in DTYPES.values() else torch.float32
+    name = stored if isinstance(stored, str) else dtype_name(stored) if stored else None
+    return torch_dtype(name) if name in COMPUTE_DTYPES else torch.float32
 
 
 # --- loading the full-precision base -------------------------------------------------------
@@ -703,18 +689,16 @@ def merge_provenance(
 ) -> dict[str, Any]:
     """What went into the merged model, with hashes, so it can be traced and reproduced."""
     location = Path(base.location)
-    header = provenance_header(base)
-    header["base_model"]["files"] = safetensors_digests(location) if location.is_dir() else {}
-    return {
-        **header,
-        "merge": {
+    info = provenance(
+        base,
+        merge={
             "base": options.base,
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": dtype_name(dtype),
             "method": method,
             "density": options.density,
             "weights": weights,
         },
-        "adapters": [
+        adapters=[
             {
                 "path": str(adapter.folder.resolve()),
                 "weight": weight,
@@ -730,9 +714,11 @@ def merge_provenance(
             }
             for adapter, weight in zip(adapters, weights, strict=True)
         ],
-        "verify": asdict(report) if report else None,
-        "files": safetensors_digests(folder),
-    }
+        verify=asdict(report) if report else None,
+        files=safetensors_digests(folder),
+    )
+    info["base_model"]["files"] = safetensors_digests(location) if location.is_dir() else {}
+    return info
 
 
 def _summary_table(

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lorakit.advice import recipe_advice
-from lorakit.checkpoint import check_writable
 from lorakit.data.formats import NO_CHAT_TEMPLATE
 from lorakit.data.pipeline import needs_chat_template, read_dataset
 from lorakit.errors import LorakitError
+from lorakit.files import check_writable
 from lorakit.models import load_tokenizer, resolve_model
 from lorakit.recipe import load_recipe
 

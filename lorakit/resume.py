@@ -1,7 +1,7 @@
-"""The run folder and everything written into it atomically (temporary folder, then rename).
+"""Exact resume, which only `lorakit train` uses: the checkpoints under `<run>/checkpoints/`.
 
-A checkpoint (`checkpoints/step-N/`) is a complete PEFT adapter folder, so `merge` and `eval`
-can start from it, plus what an exact resume needs:
+A checkpoint (`checkpoints/step-N/`) is a complete PEFT adapter folder (`lorakit.run_folder`),
+so `merge` and `eval` can start from it, plus what an exact resume needs:
 
 - `training_state.json`: step, data position (epoch, micro-batches consumed), counters, the
   scheduler state, and the fingerprints of recipe, data and tokenizer;
@@ -9,7 +9,8 @@ can start from it, plus what an exact resume needs:
   structure in the file's metadata;
 - `rng-<rank>.json`: the python, numpy and torch random states of each process.
 
-Nothing is pickled: a checkpoint can be loaded without running code from it.
+Nothing is pickled: a checkpoint can be loaded without running code from it. A checkpoint is
+written atomically; one whose files do not read back is reported as damaged and passed over.
 """
 
 from __future__ import annotations
@@ -17,13 +18,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -39,18 +36,12 @@ from transformers import PreTrainedTokenizerBase
 from lorakit.data.pipeline import PreparedData
 from lorakit.data.sources import source_fingerprint
 from lorakit.errors import LorakitError
-from lorakit.models import ResolvedModel, resolve_model
+from lorakit.files import atomic_dir, read_json, write_json
 from lorakit.recipe import Recipe
+from lorakit.run_folder import ADAPTER_WEIGHTS, CHECKPOINTS_DIR, write_adapter_files
 
-RECIPE_FILE = "recipe.resolved.yaml"
-PROVENANCE_FILE = "lorakit.json"
-CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_DIR = "adapter"
-"""Where a run folder keeps its final adapter."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 # Recipe keys that only say what to record, not what to train: changing them between a run and
@@ -64,170 +55,6 @@ BOOKKEEPING_KEYS = (
     "train.report_to",
     "train.max_bad_steps",
 )
-
-
-def check_run_dir(path: str, overwrite: bool) -> bool:
-    """Refuse to mix a new run into an old one unless asked; True when an old run is there."""
-    run_dir = Path(path)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise LorakitError(f"output.dir: {path} exists and is not a folder")
-    occupied = run_dir.is_dir() and any(run_dir.iterdir())
-    if occupied and not overwrite:
-        raise LorakitError(
-            f"output.dir: {path} already holds a run "
-            "(pass --resume to continue it, or --overwrite to replace it)"
-        )
-    return occupied
-
-
-def check_writable(path: Path, what: str) -> None:
-    """Probe, before anything slow runs, that `path` can be created or written: a file is
-    created and removed in the nearest folder that exists at or above it."""
-    existing = path.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise LorakitError(f"{what}: cannot write {path}: {existing} is a file, not a folder")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".lorakit-probe-", dir=existing)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as exc:
-        raise LorakitError(
-            f"{what}: cannot write {path}: creating a file in {existing} failed ({exc.strerror})"
-        ) from None
-
-
-def prepare_run_dir(path: str, overwrite: bool) -> Path:
-    """Create the run folder, replacing an old run only when `overwrite`."""
-    run_dir = Path(path)
-    if check_run_dir(path, overwrite):
-        shutil.rmtree(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LorakitError(f"output.dir: cannot create {path}: {exc.strerror}") from None
-    return run_dir
-
-
-@contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a staging folder next to `target`; on success it replaces `target` in one rename,
-    so a reader never sees a half-written folder and a failed save leaves the old one intact."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        # mkdtemp makes the folder private (0700); the result should read like any folder.
-        staging.chmod(0o777 & ~_umask())
-        yield staging
-        if target.exists():
-            retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, retired)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-
-
-def adapter_folder_in(path: Path) -> Path | None:
-    """The adapter folder `path` names: itself (an adapter or checkpoint folder) or a run
-    folder's `adapter/`; None when it is neither."""
-    for folder in (path, path / ADAPTER_DIR):
-        if (folder / ADAPTER_CONFIG).is_file():
-            return folder
-    return None
-
-
-def adapter_provenance(adapter_dir: Path) -> dict[str, Any]:
-    """lorakit's provenance of an adapter: in its folder (older runs: at the run's root); {}
-    for an adapter from elsewhere."""
-    for folder in (adapter_dir, adapter_dir.parent):
-        if (folder / PROVENANCE_FILE).is_file():
-            return read_json(folder / PROVENANCE_FILE)
-    return {}
-
-
-def base_reference_of(provenance: dict[str, Any], peft_config: dict[str, Any]) -> str | None:
-    """How an adapter's base model was named: in lorakit's provenance, else (an adapter from
-    elsewhere) PEFT's base_model_name_or_path."""
-    return provenance.get("base_model", {}).get("reference") or peft_config.get(
-        "base_model_name_or_path"
-    )
-
-
-def resolve_adapter_base(adapter_dir: Path) -> ResolvedModel:
-    """The base model every command loads an adapter on: the folder lorakit loaded it from in
-    training while that folder still exists (so a relative path works from anywhere), else
-    the name it was given, resolved again (an alias or a .gguf is converted again)."""
-    provenance = adapter_provenance(adapter_dir)
-    reference = base_reference_of(provenance, read_json(adapter_dir / ADAPTER_CONFIG))
-    recorded = provenance.get("base_model", {})
-    if not reference:
-        raise LorakitError(f"{adapter_dir}: the adapter does not name its base model")
-    location = recorded.get("location")
-    if location and recorded.get("kind") != "hub" and Path(location, "config.json").is_file():
-        return ResolvedModel(reference, location, recorded.get("kind", "folder"))
-    try:
-        return resolve_model(reference)
-    except LorakitError as exc:
-        raise LorakitError(
-            f"{adapter_dir}: the adapter's base model {reference!r} cannot be found: "
-            + str(exc).removeprefix("model.name_or_path: ")
-        ) from None
-
-
-def tokenizer_location(adapter_dir: Path | None, base_location: str) -> str:
-    """Where an adapter's tokenizer is: the adapter folder holds the tokenizer and chat
-    template it was trained with; an adapter saved without one uses its base's."""
-    if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file():
-        return str(adapter_dir)
-    return base_location
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def write_adapter_files(
-    folder: Path,
-    model: PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    recipe: Recipe,
-    provenance: dict[str, Any],
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Weights, config, tokenizer + chat template, the resolved recipe and provenance: what
-    later commands need and nothing else. `state_dict` is the gathered state under FSDP."""
-    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(folder)
-    (folder / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
-    write_json(folder / PROVENANCE_FILE, provenance)
-
-
-def save_adapter(
-    target: Path,
-    model: PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    recipe: Recipe,
-    provenance: dict[str, Any],
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """A self-contained PEFT adapter folder, written atomically."""
-    with atomic_dir(target) as staging:
-        write_adapter_files(staging, model, tokenizer, recipe, provenance, state_dict)
-    return target
 
 
 # --- What a checkpoint remembers about the loop -------------------------------------------
@@ -395,7 +222,7 @@ class Checkpoint:
 
     def rng_state(self, rank: int) -> dict[str, Any] | None:
         """This process's random state; None for a rank the checkpoint did not have (a
-        resume with another process count, under --force)."""
+        resume with another process count, under --ignore-changes)."""
         path = self.path / f"rng-{rank}.json"
         return read_json(path) if path.is_file() else None
 
