@@ -216,3 +216,81 @@ def recipe_file(
 def write_recipe(tmp_path: Path) -> Callable[..., Path]:
     """Write a recipe YAML for a tiny model: `write_recipe(model_dir, **section_overrides)`."""
     return functools.partial(recipe_file, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def memorized(tiny_model, tmp_path_factory):
+    """A QLoRA adapter (NF4, fp32 compute) trained to recite the eight facts: (RunResult, the
+    data file)."""
+    import yaml
+
+    from lorakit.commands.train import train
+    from lorakit.recipe import load_recipe
+
+    folder = tmp_path_factory.mktemp("memorized")
+    data = write_jsonl(folder / "facts.jsonl", fact_rows())
+    recipe_path = folder / "memorize.yaml"
+    recipe_path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(tiny_model("llama"))},
+                "quant": {"bnb_4bit_compute_dtype": "float32"},
+                "lora": {"r": 8, "lora_alpha": 16},
+                "data": {"train": str(data), "validation": str(data), "max_seq_len": 64},
+                "train": {
+                    "max_steps": 40,
+                    "micro_batch_size": 4,
+                    "gradient_accumulation_steps": 2,
+                    "learning_rate": 2e-2,
+                },
+                "output": {"dir": str(folder / "run")},
+            }
+        )
+    )
+    result = train(load_recipe(recipe_path))
+    return result, data
+
+
+# --- data tests ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache root of the test's own, so cache hits come only from the test itself."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is the secret word?"},
+    {"role": "assistant", "content": "The secret word is pineapple."},
+    {"role": "user", "content": "Where is the key?"},
+    {"role": "assistant", "content": "The key is under the blue stone."},
+]
+
+
+def tokenize(tmp_path, rows, tokenizer, train_on="completions", max_seq_len=256):
+    """Rows written to a file and tokenized as training does: (examples, stats)."""
+    from lorakit.data.pipeline import load_rows, tokenize_rows
+    from lorakit.recipe import DatasetSpec
+
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    return tokenize_rows(load_rows([DatasetSpec(path=str(data))]), tokenizer, max_seq_len, train_on)
+
+
+def trained_spans(example, tokenizer) -> list[str]:
+    """Decode each contiguous run of trained tokens."""
+    from lorakit.data import IGNORE_INDEX
+
+    spans, current = [], []
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(tokenizer.decode(current))
+            current = []
+    if current:
+        spans.append(tokenizer.decode(current))
+    return spans

@@ -1,11 +1,17 @@
 """Length-grouped batches: a random epoch order with less padding."""
 
+import pytest
 import torch
 
-from lorakit.data import make_loader
+from lorakit.data import IGNORE_INDEX, collate, make_loader
 from lorakit.data.batching import EpochShuffle, LengthGroupedShuffle
 from lorakit.data.pipeline import Example
+from lorakit.models import load_tokenizer
 from lorakit.recipe import load_recipe
+from tests.conftest import tokenize
+
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 
 LENGTHS = [3, 40, 7, 25, 12, 33, 5, 18, 29, 9, 36, 14, 21, 2, 38, 11, 27, 6, 31, 16, 23, 8]
 
@@ -73,3 +79,19 @@ def test_recipe_key_defaults_on_and_turns_off(tmp_path):
     path.write_text("data: {train: x.jsonl}\n")
     assert load_recipe(path).data.group_by_length is True
     assert load_recipe(path, ["data.group_by_length=false"]).data.group_by_length is False
+
+
+def test_collate_pads_right_and_masks_padding(tiny_model, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_model("llama")))
+    rows = [
+        {"prompt": "a", "completion": "b"},
+        {"prompt": "The sea", "completion": " be wide and deep."},
+    ]
+    examples, _ = tokenize(tmp_path, rows, tokenizer)
+    batch = collate(examples, tokenizer.pad_token_id)
+    short = len(examples[0].input_ids)
+    assert short < batch["input_ids"].shape[1]
+    assert batch["attention_mask"][0].tolist() == [1] * short + [0] * (
+        batch["input_ids"].shape[1] - short
+    )
+    assert (batch["labels"][0, short:] == IGNORE_INDEX).all()

@@ -1,9 +1,7 @@
-"""`lorakit eval` and `lorakit generate` on tiny models built in the session: loss and perplexity
-against an independent computation from the logits, memorized answers, the comparison table,
-streaming chat, and one-line errors for bad input."""
+"""`lorakit eval` on tiny models built in the session: the adapter's loss equals training's,
+memorized answers, the comparison table, the harness, and one-line errors for bad input."""
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -14,108 +12,17 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from lorakit.artifacts import load_target, resolve_target
+from lorakit.artifacts import resolve_target
 from lorakit.cli import app
 from lorakit.commands.evaluate import EvalOptions, load_eval_rows, prompt_token_ids, run_eval
-from lorakit.commands.train import train
-from lorakit.data.batching import MIN_SHARED_PREFIX, shared_prefix_length
-from lorakit.decoding import greedy_continuations, stop_token_ids
-from lorakit.metrics import (
-    compile_regex,
-    corpus_chrf,
-    normalize,
-    parse_metrics,
-    regex_match,
-    score_generations,
-    sentence_chrf,
-)
-from lorakit.recipe import load_recipe
-from tests.conftest import FACTS, build_tokenizer, fact_rows, load_adapter_as_trained, write_jsonl
+from tests.conftest import FACTS, fact_rows, write_jsonl
 
-CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, input: str | None = None):
     result = CliRunner().invoke(app, [str(a) for a in args], input=input, env={"COLUMNS": "200"})
     return result.exit_code, result.stdout, result.stderr
-
-
-@pytest.fixture(scope="module")
-def memorized(tiny_model, tmp_path_factory):
-    """A QLoRA adapter (NF4, fp32 compute) trained to recite the eight facts."""
-    folder = tmp_path_factory.mktemp("memorized")
-    data = write_jsonl(folder / "facts.jsonl", fact_rows())
-    recipe_path = folder / "memorize.yaml"
-    recipe_path.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"name_or_path": str(tiny_model("llama"))},
-                "quant": {"bnb_4bit_compute_dtype": "float32"},
-                "lora": {"r": 8, "lora_alpha": 16},
-                "data": {"train": str(data), "validation": str(data), "max_seq_len": 64},
-                "train": {
-                    "max_steps": 40,
-                    "micro_batch_size": 4,
-                    "gradient_accumulation_steps": 2,
-                    "learning_rate": 2e-2,
-                },
-                "output": {"dir": str(folder / "run")},
-            }
-        )
-    )
-    result = train(load_recipe(recipe_path))
-    return result, data
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss and perplexity
-
-
-def _independent_nll(model, tokenizer, rows) -> tuple[float, int]:
-    """Sum of -log p(token) over the assistant answers (and their end-of-turn), from the full
-    logits in float64; prompt and answer are tokenized separately, as a chat template splits
-    them."""
-    total, count = 0.0, 0
-    for row in rows:
-        messages = row["messages"]
-        prompt = tokenizer.apply_chat_template(
-            messages[:-1], tokenize=False, add_generation_prompt=True
-        )
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([prompt_ids + answer_ids])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0].double()
-        log_probs = torch.log_softmax(logits, dim=-1)
-        for position in range(len(prompt_ids), ids.shape[1]):
-            total -= log_probs[position - 1, ids[0, position]].item()
-            count += 1
-    return total, count
-
-
-def test_perplexity_equals_exp_of_mean_token_nll_from_logits(memorized, tiny_model, tmp_path):
-    result, data = memorized
-    base_dir = tiny_model("llama")
-    options = EvalOptions(metrics=["loss", "perplexity"], dtype="float32")
-    report = run_eval([str(base_dir), str(result.run_dir)], [str(data)], options)
-    base_scores, adapter_scores = report.results
-
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    rows = fact_rows()
-    base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    nll, count = _independent_nll(base_model, tokenizer, rows)
-    assert base_scores.trained_tokens == count
-    assert base_scores.scores["loss"] == pytest.approx(nll / count, abs=1e-5)
-    # A random tiny model has a perplexity in the hundreds: compare it relatively.
-    assert base_scores.scores["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
-
-    adapter = load_adapter_as_trained(base_dir, result.adapter_dir)
-    nll, count = _independent_nll(adapter, tokenizer, rows)
-    assert adapter_scores.trained_tokens == count
-    assert adapter_scores.scores["perplexity"] == pytest.approx(math.exp(nll / count), abs=1e-5)
-    assert adapter_scores.scores["perplexity"] < 0.1 * base_scores.scores["perplexity"]
 
 
 def test_adapter_loss_equals_the_training_runs_final_eval_loss(memorized):
@@ -126,10 +33,6 @@ def test_adapter_loss_equals_the_training_runs_final_eval_loss(memorized):
     assert scores.kind == "adapter"
     assert scores.precision == "4-bit nf4 + double quant, float32"
     assert scores.scores["loss"] == pytest.approx(result.eval_after, abs=1e-5)
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation
 
 
 def test_exact_match_is_one_after_memorization(memorized, tiny_model):
@@ -145,75 +48,6 @@ def test_exact_match_is_one_after_memorization(memorized, tiny_model):
     assert base.scores["chrf"] < 50
 
 
-def _generate_one_by_one(model, prompts, stops, max_new_tokens):
-    """The reference: transformers' own greedy generate, one unpadded prompt at a time."""
-    answers = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        output = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stops,
-            pad_token_id=0,
-        )[0, len(prompt) :].tolist()
-        ends = [i for i, token in enumerate(output) if token in stops]
-        answers.append(output[: ends[0]] if ends else output)
-    return answers
-
-
-def test_batched_generation_gives_the_one_by_one_tokens(memorized):
-    result, data = memorized
-    loaded = load_target(resolve_target(str(result.run_dir)), CPU)
-    rows = load_eval_rows([str(data)], "auto", None)
-    prompts = prompt_token_ids(rows, loaded.tokenizer)
-    # Prompts of different lengths, so the batch is left-padded.
-    assert len({len(p) for p in prompts}) > 1
-    batched = greedy_continuations(loaded.model, loaded.tokenizer, prompts, 16, batch_size=8)
-    stops = stop_token_ids(loaded.model, loaded.tokenizer)
-    assert batched == _generate_one_by_one(loaded.model, prompts, stops, 16)
-    # Answers end at different steps: rows left the batch one after another.
-    assert len({len(ids) for ids in batched}) > 1
-    assert loaded.tokenizer.batch_decode(batched) == [answer for _, answer in FACTS]
-
-
-DIFFERENT_STARTS = [
-    "The capital of France",
-    "Water boils at one hundred",
-    "Arr matey",
-    "abc",
-    "Ice",
-]
-SHARED_START = [
-    "The capital of France is Paris. The capital of Italy",
-    "The capital of France is Paris. Water boils at",
-    "The capital of France is Paris. Arr",
-    "The capital of France is Paris. The",
-    "The capital of France is Paris. ABC abc",
-]
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-@pytest.mark.parametrize("texts", [DIFFERENT_STARTS, SHARED_START], ids=["own", "shared"])
-def test_batched_decoding_matches_transformers_generate(arch, texts, tiny_model):
-    model_dir = tiny_model(arch)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    prompts = [tokenizer(t)["input_ids"] for t in texts]
-    shared = shared_prefix_length(prompts)
-    assert shared >= MIN_SHARED_PREFIX if texts is SHARED_START else shared < MIN_SHARED_PREFIX
-    free = _generate_one_by_one(model, prompts, [-1], 12)
-    # A random model never emits EOS: make a token it does generate a stop token, so rows stop
-    # at different steps (or never) and leave the batch.
-    model.generation_config.eos_token_id = free[0][4]
-    stops = stop_token_ids(model, tokenizer)
-    expected = _generate_one_by_one(model, prompts, stops, 12)
-    assert len({len(ids) for ids in expected}) > 1
-    assert greedy_continuations(model, tokenizer, prompts, 12, batch_size=5) == expected
-
-
 def test_prompt_tokens_are_the_training_tokens_before_the_answer(memorized):
     result, data = memorized
     tokenizer = AutoTokenizer.from_pretrained(result.adapter_dir)
@@ -224,19 +58,6 @@ def test_prompt_tokens_are_the_training_tokens_before_the_answer(memorized):
         [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
     )
     assert tokenizer.decode(prompt) == text
-
-
-def test_generation_stops_at_the_templates_end_of_turn_even_when_eos_differs(tiny_model):
-    tokenizer = build_tokenizer(chat=True)
-    tokenizer.eos_token = "<|endoftext|>"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"))
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    stops = stop_token_ids(model, tokenizer)
-    assert stops == sorted(tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
-
-
-# ---------------------------------------------------------------------------------------------
-# Comparison of several targets, report files, CLI
 
 
 def _merged_folder(base_dir, adapter_dir, folder):
@@ -289,38 +110,6 @@ def test_comparison_table_lists_every_target(memorized, tiny_model, tmp_path):
         assert sum(line.startswith(f"│ {label} ") for line in rows) == 1, label
 
 
-def test_generate_answers_a_prompt_with_the_adapters_template(memorized):
-    result, _ = memorized
-    question, answer = FACTS[1]
-    code, out, err = run("generate", result.run_dir, "--prompt", question, "--max-new-tokens", "16")
-    assert code == 0, err
-    assert out == answer + "\n"
-
-
-def test_generate_chat_streams_replies_to_piped_stdin(memorized):
-    result, _ = memorized
-    (q1, a1), (q2, a2) = FACTS[0], FACTS[4]
-    code, out, err = run(
-        "generate",
-        result.run_dir,
-        "--chat",
-        "--max-new-tokens",
-        "16",
-        input=f"{q1}\n/reset\n\n{q2}\n/exit\n{q1}\n",
-    )
-    assert code == 0, err
-    assert out.splitlines() == [a1, a2]
-
-
-def test_chat_without_a_chat_template_answers_each_message_alone(tiny_model):
-    code, out, err = run(
-        "generate", tiny_model("gpt2"), "--chat", "--max-new-tokens", "4", input="hello\nagain\n"
-    )
-    assert code == 0, err
-    assert "no chat template; each message is answered on its own" in err
-    assert out.count("\n") >= 2
-
-
 def test_harness_is_skipped_with_a_message_when_not_installed(tiny_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
     code, _, err = run("eval", tiny_model("llama"), "--harness", "hellaswag")
@@ -365,10 +154,6 @@ def test_harness_runs_base_and_unmerged_adapter(memorized, tiny_model, tmp_path)
     # (The harness scores the template's trailing newline too, which training masks, so the
     # adapter's figure is not near 1.)
     assert adapter["lorakit_facts"]["perplexity"] < 1e-6 * base["lorakit_facts"]["perplexity"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Bad input: one line, exit 2, nothing written
 
 
 def _assert_one_error(code, err, *fragments):
@@ -431,58 +216,6 @@ def test_eval_without_data(tiny_model):
     _assert_one_error(code, err, "--data")
 
 
-# ---------------------------------------------------------------------------------------------
-# Metrics
-
-
-def test_chrf_matches_sacrebleus_published_values():
-    # Values from the sacreBLEU-backed chrF metric card (char order 6, beta 2, no word n-grams).
-    assert sentence_chrf(
-        "The relationship between Obama and Netanyahu is not exactly friendly.",
-        "The ties between Obama and Netanyahu are not particularly friendly.",
-    ) == pytest.approx(61.576379378113785, abs=1e-9)
-    assert corpus_chrf(
-        [
-            "The relationship between cats and dogs is not exactly friendly.",
-            "a good bookshop is just a genteel black hole that knows how to read.",
-        ],
-        [
-            "The relationship between dogs and cats is not exactly friendly.",
-            "A good bookshop is just a genteel Black Hole that knows how to read.",
-        ],
-    ) == pytest.approx(84.64214891738334, abs=1e-9)
-    assert sentence_chrf("same words", "same  words") == 100.0
-    assert sentence_chrf("xyz", "abc") == 0.0
-    # By hand: "ab" vs "abc": unigrams P=1 R=2/3, bigrams P=1 R=1/2; orders 3-6 absent on one
-    # side. P=1, R=7/12, F2 = 5*P*R / (4*P + R).
-    assert sentence_chrf("ab", "abc") == pytest.approx(100 * 5 * (7 / 12) / (4 + 7 / 12))
-
-
-def test_normalization_and_pair_metrics():
-    assert normalize("  The  Cat, sat. ", ["strip"]) == "The  Cat, sat."
-    assert normalize("  The  Cat, sat. ", ["lowercase", "punctuation", "whitespace"]) == (
-        "the cat sat"
-    )
-    totals, per_example = score_generations(
-        ["Paris.", "the answer is ROME", "Berlin"],
-        ["paris", "Rome", "Madrid"],
-        ["exact_match", "contains"],
-        ["strip", "lowercase", "punctuation"],
-    )
-    assert per_example == [
-        {"exact_match": 1.0, "contains": 1.0},
-        {"exact_match": 0.0, "contains": 1.0},
-        {"exact_match": 0.0, "contains": 0.0},
-    ]
-    assert totals == {"exact_match": pytest.approx(1 / 3), "contains": pytest.approx(2 / 3)}
-    pattern = compile_regex(r"answer is (\w+)")
-    assert regex_match(pattern, "so the answer is 42.", "42") == 1.0
-    assert regex_match(pattern, "so the answer is 41.", "42") == 0.0
-    assert regex_match(compile_regex(r"\d+"), "I think 42", "42") == 1.0
-    assert regex_match(pattern, "no idea", "42") == 0.0
-    assert parse_metrics("loss, chrf,loss") == ["loss", "chrf"]
-
-
 def test_data_settings_come_from_the_adapters_recipe(memorized):
     from lorakit.commands.evaluate import data_settings
 
@@ -491,10 +224,6 @@ def test_data_settings_come_from_the_adapters_recipe(memorized):
     assert data_settings(EvalOptions(), trained_with) == (64, "completions")
     assert data_settings(EvalOptions(max_seq_len=8, train_on="all"), trained_with) == (8, "all")
     assert data_settings(EvalOptions(), None) == (512, "completions")
-
-
-# ---------------------------------------------------------------------------------------------
-# The embedded model
 
 
 @pytest.mark.slow

@@ -1,15 +1,19 @@
 """The training objective: the fused head + cross-entropy, and the bf16 frozen embeddings."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lorakit.commands.evaluate import EvalOptions, run_eval
 from lorakit.data import collate, prepare_data
-from lorakit.decoding import generate
 from lorakit.loss import HeadNLLFunction, TokenNLL, chunk_positions
 from lorakit.models import load_tokenizer
 from lorakit.peft_setup import build_trainable_model
 from lorakit.recipe import load_recipe
+from tests.conftest import fact_rows, load_adapter_as_trained
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
@@ -55,37 +59,47 @@ def test_training_and_evaluation_paths_give_the_same_loss(tiny_model, write_reci
     assert train_nll.grad_fn is not None
 
 
-def test_bf16_compute_keeps_frozen_embeddings_in_bf16_and_still_generates(tiny_model, write_recipe):
-    model_dir = tiny_model("llama")
-    recipe = load_recipe(write_recipe(model_dir, quant={"bnb_4bit_compute_dtype": "bfloat16"}))
-    model, _ = build_trainable_model(recipe, str(model_dir), torch.device("cpu"))
-    base = model.get_base_model()
-    assert base.get_input_embeddings().weight.dtype == torch.bfloat16
-    assert base.get_output_embeddings().weight.dtype == torch.bfloat16
-    assert base.model.norm.weight.dtype == torch.float32  # peft's upcast stays for the rest
-    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
-    (answer,) = generate(model, load_tokenizer(str(model_dir)), ["What is the secret word?"], 4)
-    assert isinstance(answer, str)
-    tokenizer = load_tokenizer(str(model_dir))
-    batch = collate(prepare_data(recipe, tokenizer).train[:2], tokenizer.pad_token_id)
-    entering = []  # every decoder layer gets the hidden states in one dtype (one compiled graph)
-    for layer in base.model.layers:
-        layer.register_forward_pre_hook(
-            lambda module, args, kwargs: entering.append(
-                (args[0] if args else kwargs["hidden_states"]).dtype
-            ),
-            with_kwargs=True,
+def _independent_nll(model, tokenizer, rows) -> tuple[float, int]:
+    """Sum of -log p(token) over the assistant answers (and their end-of-turn), from the full
+    logits in float64; prompt and answer are tokenized separately, as a chat template splits
+    them."""
+    total, count = 0.0, 0
+    for row in rows:
+        messages = row["messages"]
+        prompt = tokenizer.apply_chat_template(
+            messages[:-1], tokenize=False, add_generation_prompt=True
         )
-    nll, tokens = TokenNLL(model)(**batch)
-    nll.backward()
-    assert torch.isfinite(nll) and int(tokens) > 0
-    assert set(entering) == {torch.float32} and len(entering) >= len(base.model.layers)
-    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
-    assert all(g is not None and torch.isfinite(g).all() for g in lora_grads)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + answer_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].double()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        for position in range(len(prompt_ids), ids.shape[1]):
+            total -= log_probs[position - 1, ids[0, position]].item()
+            count += 1
+    return total, count
 
 
-def test_fp32_compute_keeps_fp32_embeddings(tiny_model, write_recipe):
-    model_dir = tiny_model("llama")
-    recipe = load_recipe(write_recipe(model_dir, quant={"bnb_4bit_compute_dtype": "float32"}))
-    model, _ = build_trainable_model(recipe, str(model_dir), torch.device("cpu"))
-    assert model.get_base_model().get_input_embeddings().weight.dtype == torch.float32
+def test_perplexity_equals_exp_of_mean_token_nll_from_logits(memorized, tiny_model, tmp_path):
+    result, data = memorized
+    base_dir = tiny_model("llama")
+    options = EvalOptions(metrics=["loss", "perplexity"], dtype="float32")
+    report = run_eval([str(base_dir), str(result.run_dir)], [str(data)], options)
+    base_scores, adapter_scores = report.results
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    rows = fact_rows()
+    base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    nll, count = _independent_nll(base_model, tokenizer, rows)
+    assert base_scores.trained_tokens == count
+    assert base_scores.scores["loss"] == pytest.approx(nll / count, abs=1e-5)
+    # A random tiny model has a perplexity in the hundreds: compare it relatively.
+    assert base_scores.scores["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+    adapter = load_adapter_as_trained(base_dir, result.adapter_dir)
+    nll, count = _independent_nll(adapter, tokenizer, rows)
+    assert adapter_scores.trained_tokens == count
+    assert adapter_scores.scores["perplexity"] == pytest.approx(math.exp(nll / count), abs=1e-5)
+    assert adapter_scores.scores["perplexity"] < 0.1 * base_scores.scores["perplexity"]

@@ -15,10 +15,7 @@ from lorakit.loss import TokenNLL
 from lorakit.models import load_tokenizer
 from lorakit.recipe import load_recipe
 
-
-@pytest.fixture(autouse=True)
-def _private_data_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def test_best_fit_decreasing_fills_the_fullest_row_that_fits():

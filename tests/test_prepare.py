@@ -12,10 +12,7 @@ from lorakit.models import load_tokenizer
 from lorakit.recipe import load_recipe
 from tests.conftest import write_jsonl
 
-
-@pytest.fixture(autouse=True)
-def _private_data_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def run(*args):

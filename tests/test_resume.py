@@ -1,386 +1,252 @@
-"""Exact resume: a run stopped by a signal and resumed equals the same run done in one go;
-resuming refuses a changed recipe, data or tokenizer; a real SIGINT / SIGTERM to the CLI."""
+"""Checkpoints: state round trips without pickle, fingerprints, pruning, and save failures
+(a full disk, a read-only folder) that leave the previous checkpoint intact."""
 
+import hashlib
 import json
 import os
+import random
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
+import bitsandbytes as bnb
+import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-from typer.testing import CliRunner
+from safetensors.torch import load_file, save_file
 
-import lorakit.commands.train as train_module
-from lorakit.cli import app
 from lorakit.commands.train import train
 from lorakit.errors import LorakitError
 from lorakit.recipe import load_recipe
-from lorakit.resume import list_checkpoints, read_checkpoint
-from lorakit.tracking import read_metrics
-from lorakit.training.signals import StopOnSignal, TrainingStopped
+from lorakit.resume import (
+    STATE_FILE,
+    capture_rng_state,
+    decode_state,
+    describe_changes,
+    encode_state,
+    list_checkpoints,
+    prune_checkpoints,
+    read_checkpoint,
+    restore_rng_state,
+)
 from tests.conftest import FP32
 
-# 8 examples, micro-batch 2, 2 accumulation steps: 2 optimizer steps per epoch, so step 3 is in
-# the middle of the second epoch. Dropout makes the torch RNG matter.
-RESUMABLE = {
-    "max_steps": 6,
-    "micro_batch_size": 2,
-    "gradient_accumulation_steps": 2,
-    "learning_rate": 1e-2,
-    "eval_steps": 3,
-    "save_steps": 3,
-    "save_total_limit": None,
-}
-COMPARED = ("step", "loss", "eval_loss", "lr", "grad_norm", "trained_tokens", "epoch", "skipped")
+
+def _two_optimizers(kind: str):
+    torch.manual_seed(0)
+    shapes = [(64, 80), (80, 64), (16,)]  # the first two get 8-bit state (>= 4096 values)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    make = {
+        "adamw_torch": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+        "paged_adamw_8bit": lambda ps: bnb.optim.PagedAdamW8bit(ps, lr=1e-2),
+    }[kind]
+    return params, make(params), twins, make(twins)
 
 
-def comparable(records: list[dict]) -> list[dict]:
-    return [{k: r[k] for k in COMPARED if k in r} for r in records]
+def _step(params, optimizer, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator)
+    optimizer.step()
 
 
-def stop_with_signal_at_step(monkeypatch, step: int, signum: int = signal.SIGINT) -> None:
-    """Send a real signal to this process during the forward/backward of `step`."""
-    original = train_module.forward_backward
-    calls = {"n": 0}
-
-    def forward_backward(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == step:
-            signal.raise_signal(signum)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "forward_backward", forward_backward)
-
-
-def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "adapter_model.safetensors")
-
-
-@pytest.mark.parametrize(
-    ("optimizer", "r"),
-    [("adamw_torch", 8), ("paged_adamw_8bit", 64)],
-)
-def test_stop_and_resume_equals_one_run_bitwise(
-    optimizer, r, tiny_model, write_recipe, monkeypatch
-):
-    """r=64 makes the LoRA matrices large enough (>= 4096 values) for 8-bit optimizer state."""
-    sections = dict(
-        quant=FP32,
-        lora={"r": r, "lora_alpha": 16, "lora_dropout": 0.1},
-        train={**RESUMABLE, "optimizer": optimizer},
+@pytest.mark.parametrize("kind", ["adamw_torch", "paged_adamw_8bit"])
+def test_optimizer_state_round_trips_through_safetensors(kind, tmp_path):
+    params, optimizer, twins, fresh = _two_optimizers(kind)
+    for seed in range(3):
+        _step(params, optimizer, seed)
+    tensors, structure = encode_state(optimizer.state_dict())
+    save_file(tensors, tmp_path / "opt.safetensors", metadata={"s": json.dumps(structure)})
+    if kind == "paged_adamw_8bit":
+        assert any(t.dtype == torch.uint8 for t in tensors.values())
+    loaded = decode_state(
+        json.loads(json.dumps(structure)), load_file(tmp_path / "opt.safetensors")
     )
-    whole = load_recipe(write_recipe(tiny_model("llama"), name="whole", **sections))
-    pieces = load_recipe(write_recipe(tiny_model("llama"), name="pieces", **sections))
-    one_go = train(whole)
 
-    stop_with_signal_at_step(monkeypatch, 1)
-    with pytest.raises(TrainingStopped) as stopped:
-        train(pieces)
-    monkeypatch.undo()
-    assert stopped.value.step == 1 and stopped.value.exit_code == 130
-    assert stopped.value.checkpoint == pieces_dir(pieces) / "checkpoints" / "step-1"
-    state = read_checkpoint(stopped.value.checkpoint).state
-    # 1 step x 2 micro-batches of the 4 per epoch: stopped in the middle of epoch 0.
-    assert (state.step, state.epoch, state.batches_in_epoch) == (1, 0, 2)
-    assert not (pieces_dir(pieces) / "adapter").exists()
+    with torch.no_grad():
+        for twin, p in zip(twins, params, strict=True):
+            twin.copy_(p)
+    fresh.load_state_dict(loaded)
+    for seed in range(3, 6):
+        _step(params, optimizer, seed)
+        _step(twins, fresh, seed)
+    for p, twin in zip(params, twins, strict=True):
+        assert torch.equal(p, twin)
 
-    # Resume and stop again, at an epoch boundary this time (step 3, on the way, is an eval
-    # and save step), then resume to the end.
-    stop_with_signal_at_step(monkeypatch, 3)  # the 3rd step of this session: step 4
-    with pytest.raises(TrainingStopped) as stopped:
-        train(pieces, resume="auto")
-    monkeypatch.undo()
-    assert stopped.value.step == 4
-    state = read_checkpoint(stopped.value.checkpoint).state
-    assert (state.epoch, state.batches_in_epoch) == (2, 0)
-    resumed = train(pieces, resume="auto")
 
-    assert resumed.steps == one_go.steps == 6
-    assert resumed.resumed_from == [
-        str(pieces_dir(pieces) / "checkpoints" / "step-1"),
-        str(pieces_dir(pieces) / "checkpoints" / "step-4"),
+def test_encoding_keeps_tuples_int_keys_and_special_floats():
+    value = {"state": {0: {"step": 3}}, "groups": [{"betas": (0.9, 0.99), "x": None}]}
+    value["groups"][0]["nan"] = float("inf")
+    tensors, structure = encode_state(value)
+    assert tensors == {}
+    assert decode_state(json.loads(json.dumps(structure)), {}) == value
+
+
+def test_rng_states_round_trip():
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's state
+    saved = json.loads(json.dumps(capture_rng_state()))
+    first = (random.random(), np.random.standard_normal(), torch.rand(3))
+    restore_rng_state(saved)
+    second = (random.random(), np.random.standard_normal(), torch.rand(3))
+    assert first[0] == second[0] and first[1] == second[1]
+    assert torch.equal(first[2], second[2])
+
+
+def test_describe_changes_names_each_difference():
+    saved = {
+        "recipe": "a",
+        "recipe_keys": {"train.learning_rate": 0.01, "lora.r": 8},
+        "data": {"train.jsonl": "1", "old.jsonl": "2"},
+        "tokenizer": "t",
+    }
+    current = {
+        "recipe": "b",
+        "recipe_keys": {"train.learning_rate": 0.02, "lora.r": 8, "lora.use_dora": True},
+        "data": {"train.jsonl": "3", "new.jsonl": "4"},
+        "tokenizer": "u",
+    }
+    assert describe_changes(saved, current) == [
+        "recipe changed: lora.use_dora: '<unset>' → True",
+        "recipe changed: train.learning_rate: 0.01 → 0.02",
+        "data changed: new.jsonl is new",
+        "data changed: old.jsonl is no longer used",
+        "data changed: train.jsonl has different contents",
+        "tokenizer changed: vocabulary, special tokens or chat template differ",
     ]
-    assert comparable(read_metrics(resumed.run_dir)) == comparable(read_metrics(one_go.run_dir))
-    expected, got = adapter_tensors(one_go.adapter_dir), adapter_tensors(resumed.adapter_dir)
-    assert expected.keys() == got.keys() and len(expected) > 0
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), name
-    # The optimizer state at the end is the same too, bit for bit.
-    final = "checkpoints/step-6/optimizer.safetensors"
-    a, b = load_file(one_go.run_dir / final), load_file(resumed.run_dir / final)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    if optimizer == "paged_adamw_8bit":
-        assert any(t.dtype == torch.uint8 for t in a.values()), "no 8-bit optimizer state"
+    assert describe_changes(saved, saved) == []
 
 
-def pieces_dir(recipe) -> Path:
-    return Path(recipe.output.dir)
+def _fake_checkpoint(run_dir: Path, step: int, eval_loss: float | None) -> None:
+    folder = run_dir / "checkpoints" / f"step-{step}"
+    folder.mkdir(parents=True)
+    (folder / STATE_FILE).write_text(json.dumps({"state": {"step": step, "eval_loss": eval_loss}}))
 
 
-def test_resume_without_dropout_rng_restore_would_differ(tiny_model, write_recipe, monkeypatch):
-    """The check above has teeth: skipping the RNG restore changes the resumed run."""
-    sections = dict(
-        quant=FP32, lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}, train=RESUMABLE
-    )
-    recipe = load_recipe(write_recipe(tiny_model("llama"), **sections))
-    stop_with_signal_at_step(monkeypatch, 1)
-    with pytest.raises(TrainingStopped):
-        train(recipe)
-    monkeypatch.undo()
-    kept = Path(recipe.output.dir).with_name("kept")
-    shutil.copytree(recipe.output.dir, kept)
-    exact = adapter_tensors(train(recipe, resume="auto").adapter_dir)
+def test_prune_keeps_the_last_k_and_the_best(tmp_path):
+    for step, eval_loss in [(10, 2.0), (20, 1.2), (30, None), (40, 1.5), (50, 1.9)]:
+        _fake_checkpoint(tmp_path, step, eval_loss)
+    (tmp_path / "checkpoints" / ".step-60.tmp-x").mkdir()  # an unfinished write: never listed
+    removed = prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in removed) == ["step-10", "step-30"]
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [20, 40, 50]
+    assert prune_checkpoints(tmp_path, keep_last=None) == []
 
-    shutil.rmtree(recipe.output.dir)
-    shutil.copytree(kept, recipe.output.dir)
-    monkeypatch.setattr(train_module, "restore_rng_state", lambda state: None)
-    sloppy = adapter_tensors(train(recipe, resume="auto").adapter_dir)
-    assert any(not torch.equal(exact[k], sloppy[k]) for k in exact)
+
+def _mount(*args: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a filesystem needs root")
+    result = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount here: {result.stderr.strip()}")
+
+
+def _disk_pages(paths) -> int:
+    """Bytes a tmpfs needs for these files (whole 4 KiB pages)."""
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in paths if p.is_file())
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
-def stopped_run(tiny_model, write_recipe, monkeypatch, tmp_path):
-    """A run stopped by SIGTERM after step 2, on its own copy of the tiny model."""
-    model_dir = tmp_path / "model"
-    shutil.copytree(tiny_model("llama"), model_dir)
-    path = write_recipe(model_dir, quant=FP32, train={**RESUMABLE, "max_steps": 4})
-    stop_with_signal_at_step(monkeypatch, 2, signal.SIGTERM)
-    with pytest.raises(TrainingStopped) as stopped:
-        train(load_recipe(path))
-    monkeypatch.undo()
-    assert stopped.value.exit_code == 143
-    return path, model_dir
+def tiny_disk(tmp_path):
+    """A tmpfs mount point; unmounted afterwards."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
 
 
-def resume_cli(path: Path, *extra: str):
-    result = CliRunner().invoke(app, ["train", str(path), "--resume", "auto", *extra])
-    return result.exit_code, result.stderr
+def test_full_disk_keeps_the_previous_checkpoint_and_resume_recovers(
+    tiny_model, write_recipe, tmp_path, tiny_disk
+):
+    sections = dict(quant=FP32, train={"max_steps": 4, "save_steps": 2, "save_total_limit": 1})
+    # Measure one checkpoint on an ordinary disk first.
+    probe = load_recipe(write_recipe(tiny_model("llama"), name="probe", **sections))
+    train(probe)
+    run = Path(probe.output.dir)
+    checkpoint_bytes = _disk_pages((run / "checkpoints" / "step-4").rglob("*"))
+    other_bytes = _disk_pages([run / "metrics.jsonl", run / "recipe.resolved.yaml"])
+    # Room for one checkpoint and a half: the second write must fail half-way.
+    size = other_bytes + checkpoint_bytes + checkpoint_bytes // 2
+    _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(tiny_disk))
 
-
-def test_resume_refuses_a_changed_recipe_naming_the_key(stopped_run):
-    path, _ = stopped_run
-    code, err = resume_cli(path, "--set", "train.learning_rate=0.02")
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert all(line.startswith("error: ") for line in lines)
-    assert "cannot be resumed exactly" in lines[0]
-    assert "recipe changed: train.learning_rate: 0.01 → 0.02" in err
-    assert "pass --ignore-changes" in lines[-1]
-    assert "Traceback" not in err
-    # Bookkeeping keys may change freely.
-    code, err = resume_cli(
-        path, "--set", "train.save_total_limit=5", "--set", "eval.max_new_tokens=3"
+    recipe = load_recipe(
+        write_recipe(tiny_model("llama"), **sections), [f"output.dir={tiny_disk / 'run'}"]
     )
-    assert code == 0, err
+    with pytest.raises(LorakitError) as failed:
+        train(recipe)
+    message = str(failed.value)
+    previous = tiny_disk / "run" / "checkpoints" / "step-2"
+    assert f"cannot write {tiny_disk / 'run' / 'checkpoints' / 'step-4'}" in message
+    assert "No space left on device" in message
+    assert f"the previous checkpoint {previous} is intact" in message
+    assert sorted(p.name for p in previous.parent.iterdir()) == ["step-2"]  # no half write
+    assert read_checkpoint(previous).state.step == 2
+    assert len(read_checkpoint(previous).optimizer_state()["state"]) > 0
+    assert load_file(previous / "adapter_model.safetensors")
+
+    _mount("-o", "remount,size=16m", str(tiny_disk))
+    result = train(recipe, resume="auto")
+    assert result.steps == 4 and result.resumed_from == [str(previous)]
+    assert (tiny_disk / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_resume_refuses_changed_data_and_tokenizer_then_force(stopped_run):
-    path, model_dir = stopped_run
-    recipe = load_recipe(path)
-    data_file = Path(recipe.data.train[0].path)
-    data_file.write_text(data_file.read_text().replace("pineapple", "coconut"))
-    config_file = model_dir / "tokenizer_config.json"
-    config = json.loads(config_file.read_text())
-    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
-    config_file.write_text(json.dumps(config))
+@pytest.fixture
+def read_only(tmp_path):
+    """Make a folder read-only for real (a read-only bind mount as root, chmod otherwise)."""
+    undo = []
 
-    code, err = resume_cli(path)
-    assert code == 2
-    assert f"data changed: {data_file} has different contents" in err
-    assert "tokenizer changed" in err
-    assert "recipe changed" not in err
-    assert len(list_checkpoints(Path(recipe.output.dir))) == 1  # nothing was touched
+    def make(folder: Path) -> None:
+        if os.geteuid() == 0:
+            _mount("--bind", str(folder), str(folder))
+            undo.append(lambda: subprocess.run(["umount", "-l", str(folder)], check=True))
+            _mount("-o", "remount,bind,ro", str(folder))
+        else:
+            folder.chmod(0o555)
+            undo.append(lambda: folder.chmod(0o755))
 
-    code, err = resume_cli(path, "--ignore-changes")
-    assert code == 0, err
-    assert "warning: resuming with --ignore-changes although data changed" in " ".join(err.split())
-    state = read_checkpoint(list_checkpoints(Path(recipe.output.dir))[-1][1]).state
-    assert state.step == 4
+    def restore() -> None:
+        while undo:
+            undo.pop()()
+
+    make.restore = restore
+    yield make
+    restore()
 
 
-def test_resume_auto_without_checkpoint_starts_fresh_and_bad_paths_fail(
-    tiny_model, write_recipe, tmp_path
-):
-    path = write_recipe(tiny_model("llama"), quant=FP32, train={"max_steps": 1})
-    code, err = resume_cli(path)
-    assert code == 0, err
-    assert "no checkpoint in" in err and "starting a new run" in " ".join(err.split())
-    result = CliRunner().invoke(app, ["train", str(path), "--resume", str(tmp_path / "nope")])
-    assert result.exit_code == 2
-    assert f"error: --resume: {tmp_path / 'nope'} is not a folder" in result.stderr
-    result = CliRunner().invoke(app, ["train", str(path), "--resume", "--force"])
-    assert result.exit_code == 2
-    assert "--resume: expected auto or a checkpoint path" in result.stderr
-
-
-def test_second_ctrl_c_aborts_at_once_and_sigterm_repeats_are_ignored():
-    with StopOnSignal(announce=False) as stop:
-        signal.raise_signal(signal.SIGINT)
-        assert stop.received == signal.SIGINT
-        signal.raise_signal(signal.SIGTERM)  # a launcher forwarding the stop: no abort
-        assert stop.received == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-def test_abort_during_a_checkpoint_write_leaves_no_partial_checkpoint(
-    tiny_model, write_recipe, monkeypatch
-):
-    """A second Ctrl-C can land while a checkpoint is half written: the half is removed."""
-    import lorakit.resume as checkpoint_module
-
+def test_read_only_folder_keeps_the_previous_checkpoint(tiny_model, write_recipe, read_only):
     recipe = load_recipe(
         write_recipe(tiny_model("llama"), quant=FP32, train={"max_steps": 4, "save_steps": 2})
     )
-    original = checkpoint_module.save_file
-    seen = []
+    whole = train(recipe)
+    expected = load_file(whole.adapter_dir / "adapter_model.safetensors")
+    run = Path(recipe.output.dir)
+    # As if the run had been preempted after step 2, and its disk then became read-only.
+    shutil.rmtree(run / "checkpoints" / "step-4")
+    shutil.rmtree(run / "adapter")
+    previous = run / "checkpoints" / "step-2"
+    before = _tree_digest(previous)
+    read_only(run / "checkpoints")
 
-    def interrupted(tensors, filename, metadata=None):
-        seen.append(sorted(p.name for p in Path(filename).parent.iterdir()))
-        if len(seen) == 2:  # the optimizer file of the second checkpoint, adapter already in
-            raise KeyboardInterrupt
-        return original(tensors, filename, metadata=metadata)
+    with pytest.raises(LorakitError) as failed:
+        train(recipe, resume="auto")
+    message = str(failed.value)
+    assert f"cannot write {run / 'checkpoints' / 'step-4'}" in message
+    assert "Read-only file system" in message or "Permission denied" in message
+    assert f"the previous checkpoint {previous} is intact" in message
+    assert _tree_digest(previous) == before
 
-    monkeypatch.setattr(checkpoint_module, "save_file", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(recipe)
-    assert "adapter_model.safetensors" in seen[1]
-    root = Path(recipe.output.dir) / "checkpoints"
-    assert sorted(p.name for p in root.iterdir()) == ["step-2"]
-    assert read_checkpoint(root / "step-2").state.step == 2
-
-
-# --- The real command line, stopped by a real signal -------------------------------------
-
-
-def launch(recipe: Path, *extra: str, env_threads: int) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "COLUMNS": "200",
-        "PYTHONPATH": str(Path(__file__).parents[1]),
-        "OMP_NUM_THREADS": str(env_threads),
-        "HF_HUB_OFFLINE": "1",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "lorakit", "train", str(recipe), *extra],
-        cwd=recipe.parent,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_for_first_step(process: subprocess.Popen, metrics: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[1]
-        if metrics.is_file() and '"loss"' in metrics.read_text():
-            return
-        time.sleep(0.02)
-    raise AssertionError("training did not start")
-
-
-@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_to_the_cli_checkpoints_exits_and_resumes(
-    signum, exit_code, tiny_model, write_recipe
-):
-    path = write_recipe(
-        tiny_model("llama"), quant=FP32, train={"max_steps": 40, "save_steps": 1000}
-    )
-    run_dir = Path(load_recipe(path).output.dir)
-    threads = torch.get_num_threads()
-    process = launch(path, env_threads=threads)
-    wait_for_first_step(process, run_dir / "metrics.jsonl")
-    process.send_signal(signum)
-    _, err = process.communicate(timeout=180)
-
-    assert process.returncode == exit_code, err
-    assert "finishing this optimizer step and writing a checkpoint" in err
-    assert f"resume with: lorakit train {path} --resume auto" in err
-    (step, checkpoint), *_ = list_checkpoints(run_dir)
-    assert 1 <= step < 40
-    assert f"stopped by {signum.name} after step {step}; checkpoint: {checkpoint}" in err
-    logged = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
-    assert logged[-1] >= step  # the step under way when the signal came was completed
-    assert not (run_dir / "adapter").exists()
-
-    process = launch(path, "--resume", "auto", env_threads=threads)
-    _, err = process.communicate(timeout=180)
-    assert process.returncode == 0, err
-    assert f"resuming from {checkpoint} at step {step}/40" in " ".join(err.split())
-    records = read_metrics(run_dir)
-    assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))
-    assert read_checkpoint(list_checkpoints(run_dir)[-1][1]).state.step == 40
-    with safe_open(run_dir / "adapter" / "adapter_model.safetensors", "pt") as handle:
-        assert len(list(handle.keys())) > 0
-
-
-def test_resume_auto_refuses_a_run_folder_without_checkpoints(tiny_model, write_recipe):
-    path = write_recipe(tiny_model("llama"), quant=FP32, train={"max_steps": 1})
-    run_dir = Path(load_recipe(path).output.dir)
-    run_dir.mkdir(parents=True)
-    (run_dir / "metrics.jsonl").write_text("")
-    with pytest.raises(LorakitError, match="holds no checkpoint to continue from"):
-        train(load_recipe(path), resume="auto")
-
-
-def test_a_missing_data_file_is_one_clear_error_when_resuming(tiny_model, write_recipe):
-    path = write_recipe(tiny_model("llama"), quant=FP32)
-    result = CliRunner().invoke(
-        app, ["train", str(path), "--resume", "auto", "--set", "data.train=nowhere.jsonl"]
-    )
-    assert result.exit_code == 2
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: nowhere.jsonl: dataset file not found"], result.stderr
-
-
-def test_an_abort_exits_130_saying_the_checkpoints_are_kept(tiny_model, write_recipe, monkeypatch):
-    def aborted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "train", aborted)
-    result = CliRunner().invoke(app, ["train", str(write_recipe(tiny_model("llama")))])
-    assert result.exit_code == 130
-    assert result.stderr.strip() == "aborted; the checkpoints written so far are intact"
-
-
-@pytest.mark.parametrize("damage", ["training_state.json", "optimizer.safetensors"])
-def test_resume_auto_passes_over_a_damaged_checkpoint(
-    damage, tiny_model, write_recipe, monkeypatch
-):
-    """The newest checkpoint cut short (a full disk, a killed copy): `--resume auto` names it,
-    continues from the newest intact one, and still ends where one unbroken run ends."""
-    sections = dict(quant=FP32, train={**RESUMABLE, "eval_steps": 2, "save_steps": 2})
-    whole = load_recipe(write_recipe(tiny_model("llama"), name="whole", **sections))
-    path = write_recipe(tiny_model("llama"), name="pieces", **sections)
-    one_go = train(whole)
-    stop_with_signal_at_step(monkeypatch, step=4)
-    with pytest.raises(TrainingStopped):
-        train(load_recipe(path))
-    monkeypatch.undo()
-    run_dir = Path(load_recipe(path).output.dir)
-    newest = run_dir / "checkpoints" / "step-4"
-    assert newest.is_dir()
-    file = newest / damage
-    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
-
-    code, err = resume_cli(path)
-    assert code == 0, err
-    said = " ".join(err.split())
-    assert f"warning: {newest} is damaged: {damage}:" in said
-    assert f"resuming from the newest intact checkpoint, {run_dir / 'checkpoints' / 'step-2'}" in (
-        said
-    )
-    want, got = adapter_tensors(one_go.adapter_dir), adapter_tensors(run_dir / "adapter")
-    assert all(torch.equal(want[k], got[k]) for k in want)
+    read_only.restore()
+    result = train(recipe, resume="auto")
+    got = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
