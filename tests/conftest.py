@@ -108,28 +108,70 @@ def build_tokenizer(chat: bool):
     return tokenizer
 
 
+FAMILIES = ("llama3", "mistral", "qwen2.5", "qwen3", "gemma2", "gemma3", "phi3", "gpt2")
+"""Tiny models shaped like the real families (their own transformers classes, the config
+details that make each family different), besides the plain `llama` and `qwen2`."""
+
+
 def build_config(arch: str, vocab_size: int):
+    """A tiny config: hidden 64, 2 layers (Gemma 3: 4, so both of its attention kinds occur)."""
     import transformers as tf
 
     # A larger init than the default 0.02 lets a frozen random head produce confident logits,
     # so LoRA can memorize within a few dozen steps.
     common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, initializer_range=0.2)
-    if arch == "llama":
+    attention = dict(
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    if arch in ("llama", "qwen2", "qwen2.5"):
+        config_class = tf.LlamaConfig if arch == "llama" else tf.Qwen2Config
+        return config_class(**common, **attention, tie_word_embeddings=False)
+    if arch == "llama3":
+        # Llama 3.1's rotary scaling, with a short original context so it changes frequencies.
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        }
         return tf.LlamaConfig(
-            **common,
-            intermediate_size=128,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=False,
+            **common, **attention, rope_parameters=rope, tie_word_embeddings=False
         )
-    if arch == "qwen2":
-        return tf.Qwen2Config(
+    if arch == "mistral":
+        return tf.MistralConfig(**common, **attention, sliding_window=4096, head_dim=16)
+    if arch == "qwen3":  # RMSNorm on queries and keys
+        return tf.Qwen3Config(**common, **attention, head_dim=16, tie_word_embeddings=True)
+    if arch == "gemma2":  # soft-capped attention and logits, sliding window, scaled embeddings
+        return tf.Gemma2Config(
             **common,
-            intermediate_size=128,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
+            **attention,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=16,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+        )
+    if arch == "gemma3":  # text: q/k norms, local layers with their own rope base
+        return tf.Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 4},
+            **attention,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+        )
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(
+            **common,
+            **attention,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
             tie_word_embeddings=False,
         )
     if arch == "gpt2":
@@ -146,7 +188,8 @@ def build_config(arch: str, vocab_size: int):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """`tiny_model("llama" | "qwen2" | "gpt2")` → a saved model folder with its tokenizer."""
+    """`tiny_model("llama" | "qwen2" | "gpt2" | one of FAMILIES)` → a saved model folder with
+    its tokenizer (ChatML template; GPT-2 has none)."""
     from transformers import AutoModelForCausalLM
 
     built: dict[str, Path] = {}
