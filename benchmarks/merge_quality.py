@@ -24,14 +24,13 @@ def main() -> None:
 
     import torch
     from accelerate import Accelerator
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from lorakit.commands.merge import MergeOptions, merge
     from lorakit.data import make_loader, prepare_data
     from lorakit.loss import TokenNLL, evaluate_loss
     from lorakit.models import load_tokenizer, resolve_model
-    from lorakit.peft_setup import keep_4bit_layers_differentiable, load_base_model
+    from lorakit.peft_setup import choose_compute_dtype, load_adapter_as_trained
     from lorakit.recipe import load_recipe
 
     recipe = load_recipe(args.run / "recipe.resolved.yaml")
@@ -61,13 +60,12 @@ def main() -> None:
         print(f"  {label}: {results[-1][1]:.4f} ({time.perf_counter() - started:.0f} s)")
 
     print(f"eval loss on {len(data.validation)} validation examples of {args.run}")
-    quantized, compute = load_base_model(recipe, location, torch.device("cpu"))
-    keep_4bit_layers_differentiable(quantized)  # the kernel training used (CPU bf16 repacking)
-    trained = PeftModel.from_pretrained(quantized, adapter)
+    trained = load_adapter_as_trained(location, adapter, recipe.quant, recipe.model)
+    compute = choose_compute_dtype(recipe.quant.bnb_4bit_compute_dtype, torch.device("cpu"))
     record(f"as trained: NF4 base + adapter, unmerged ({str(compute)[6:]})", trained)
     with trained.disable_adapter():
         record("NF4 base alone", trained)
-    del trained, quantized
+    del trained
     record("original base alone (float32)", AutoModelForCausalLM.from_pretrained(location))
     for dtype in args.dtypes:
         for base in ("original", "dequantized"):

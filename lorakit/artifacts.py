@@ -7,9 +7,9 @@ A TARGET is one of
   base model and the data settings the adapter was trained with);
 - a merged model folder (a plain Hugging Face model folder).
 
-An adapter is evaluated on its base loaded exactly as in training (4-bit when the recipe
-quantized it, same compute dtype, norms and embeddings upcast like PEFT's k-bit preparation),
-with the tokenizer and chat template saved next to it.
+An adapter is run on its base loaded exactly as in training (`peft_setup.load_adapter_as_trained`:
+4-bit when the recipe quantized it, the same compute dtype, 4-bit layout, k-bit preparation,
+embeddings and fused LoRA path), with the tokenizer and chat template saved next to it.
 """
 
 from __future__ import annotations
@@ -18,17 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from lorakit.dtypes import dtype_name
 from lorakit.errors import LorakitError
 from lorakit.models import load_tokenizer, resolve_model
 from lorakit.peft_setup import (
-    build_bnb_config,
     choose_compute_dtype,
     describe_quantization,
-    keep_4bit_layers_differentiable,
+    load_adapter_as_trained,
+    load_base_as_trained,
 )
-from lorakit.recipe import DataSection, QuantSection, Recipe, load_recipe
+from lorakit.recipe import DataSection, ModelSection, QuantSection, Recipe, load_recipe
 from lorakit.run_folder import (
     ADAPTER_CONFIG,
     ADAPTER_DIR,
@@ -129,16 +130,24 @@ def load_target(
     quant = target.recipe.quant if target.recipe else QuantSection(load_in_4bit=False)
     if load_in_4bit is not None:
         quant = quant.model_copy(update={"load_in_4bit": load_in_4bit})
-    compute_dtype = choose_compute_dtype(dtype or quant.bnb_4bit_compute_dtype, device)
-    tokenizer = _load_tokenizer(target)
-    model = _load_model(target, quant, compute_dtype, device)
-    if target.adapter_dir is not None:
-        model = _attach_adapter(model, target)
-    model.eval()
-    dtype_name = str(compute_dtype).removeprefix("torch.")
-    precision = (
-        f"{describe_quantization(quant)}, {dtype_name}" if quant.load_in_4bit else dtype_name
+    quant = quant.model_copy(
+        update={"bnb_4bit_compute_dtype": dtype or quant.bnb_4bit_compute_dtype}
     )
+    tokenizer = _load_tokenizer(target)
+    model_section = target.recipe.model if target.recipe else ModelSection()
+    try:
+        if target.adapter_dir is not None:
+            model = load_adapter_as_trained(
+                target.model_location, target.adapter_dir, quant, model_section, device
+            )
+        else:
+            model, _ = load_base_as_trained(model_section, quant, target.model_location, device)
+            model.eval()
+    except LorakitError as exc:
+        raise LorakitError(f"{target.reference}: {exc}") from None
+    compute_dtype = choose_compute_dtype(quant.bnb_4bit_compute_dtype, device)
+    name = dtype_name(compute_dtype)
+    precision = f"{describe_quantization(quant)}, {name}" if quant.load_in_4bit else name
     return LoadedTarget(target, model, tokenizer, precision)
 
 
@@ -149,55 +158,4 @@ def _load_tokenizer(target: Target) -> PreTrainedTokenizerBase:
         raise LorakitError(
             f"{target.reference}: cannot load the tokenizer from {target.tokenizer_location}: "
             f"{str(exc).splitlines()[0]}"
-        ) from None
-
-
-def _load_model(
-    target: Target, quant: QuantSection, compute_dtype: torch.dtype, device: torch.device
-) -> torch.nn.Module:
-    kwargs = {}
-    if device.type == "cuda":
-        kwargs["device_map"] = {"": device}
-    if target.recipe is not None:
-        kwargs["attn_implementation"] = target.recipe.model.attn_implementation
-        kwargs["revision"] = target.recipe.model.revision
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            target.model_location,
-            quantization_config=build_bnb_config(quant, compute_dtype),
-            dtype=compute_dtype,
-            trust_remote_code=target.trust_remote_code,
-            **kwargs,
-        )
-    except OSError as exc:
-        raise LorakitError(
-            f"{target.reference}: cannot load the model from {target.model_location}: "
-            f"{str(exc).splitlines()[0]}"
-        ) from None
-    if quant.load_in_4bit:
-        _as_in_kbit_training(model)
-        if compute_dtype != torch.bfloat16:
-            # bitsandbytes' fast CPU inference path (AVX-512-BF16) computes in bf16 whatever
-            # the compute dtype; keep the exact kernel when another dtype was asked for.
-            keep_4bit_layers_differentiable(model)
-    return model
-
-
-def _as_in_kbit_training(model: torch.nn.Module) -> None:
-    """Training prepares a 4-bit base with PEFT's k-bit preparation, which keeps the
-    non-quantized weights (norms, embeddings, head) in fp32; evaluate the same numerics."""
-    from peft import prepare_model_for_kbit_training
-
-    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-
-
-def _attach_adapter(model: torch.nn.Module, target: Target) -> torch.nn.Module:
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, str(target.adapter_dir))
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise LorakitError(
-            f"{target.reference}: the adapter does not fit its base model "
-            f"{target.base_reference!r}: {str(exc).splitlines()[0]}"
         ) from None

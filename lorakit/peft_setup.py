@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 from lorakit.dtypes import AUTO, torch_dtype
 from lorakit.errors import LorakitError
 from lorakit.fast_lora import enable_fast_lora
-from lorakit.recipe import LoraSection, QuantSection, Recipe
+from lorakit.recipe import LoraSection, ModelSection, QuantSection, Recipe
 from lorakit.shared_prefix import enable_shared_prefix
 
 REENTRANT_CHECKPOINTING = True
@@ -60,7 +60,7 @@ def build_bnb_config(quant: QuantSection, compute_dtype: torch.dtype) -> BitsAnd
         quant.bnb_4bit_quant_type,
         quant.bnb_4bit_use_double_quant,
         compute_dtype,
-        getattr(torch, quant.bnb_4bit_quant_storage),
+        torch_dtype(quant.bnb_4bit_quant_storage),
     )
 
 
@@ -81,27 +81,83 @@ def build_4bit_config(
 
 
 def load_base_model(
-    recipe: Recipe, location: str, device: torch.device, sharded: bool = False
+    model_section: ModelSection,
+    quant: QuantSection,
+    location: str,
+    device: torch.device,
+    sharded: bool = False,
 ) -> tuple[PreTrainedModel, torch.dtype]:
-    """Load the frozen base: 4-bit when the recipe asks for it, else in the compute dtype.
+    """Load the frozen base: 4-bit when `quant` asks for it, else in the compute dtype.
 
     `sharded` (FSDP): the weights stay on the CPU for FSDP to shard onto the GPUs, and every
     tensor takes the 4-bit storage dtype, because FSDP flattens tensors of one dtype."""
-    dtype = choose_compute_dtype(recipe.quant.bnb_4bit_compute_dtype, device)
+    dtype = choose_compute_dtype(quant.bnb_4bit_compute_dtype, device)
     kwargs = {}
     if device.type == "cuda" and not sharded:
         kwargs["device_map"] = {"": device}
-    storage = getattr(torch, recipe.quant.bnb_4bit_quant_storage)
-    model = AutoModelForCausalLM.from_pretrained(
-        location,
-        quantization_config=build_bnb_config(recipe.quant, dtype),
-        dtype=storage if sharded and recipe.quant.load_in_4bit else dtype,
-        attn_implementation=recipe.model.attn_implementation,
-        trust_remote_code=recipe.model.trust_remote_code,
-        revision=recipe.model.revision,
-        **kwargs,
-    )
+    storage = torch_dtype(quant.bnb_4bit_quant_storage)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location,
+            quantization_config=build_bnb_config(quant, dtype),
+            dtype=storage if sharded and quant.load_in_4bit else dtype,
+            attn_implementation=model_section.attn_implementation,
+            trust_remote_code=model_section.trust_remote_code,
+            revision=model_section.revision,
+            **kwargs,
+        )
+    except OSError as exc:
+        raise LorakitError(
+            f"cannot load the model from {location}: {str(exc).splitlines()[0]}"
+        ) from None
     return model, dtype
+
+
+def load_base_as_trained(
+    model_section: ModelSection,
+    quant: QuantSection,
+    location: str,
+    device: torch.device,
+    sharded: bool = False,
+) -> tuple[PreTrainedModel, torch.dtype]:
+    """The frozen base exactly as training prepares it, for training and for every command
+    that runs an adapter afterwards: loaded as `quant` says, the 4-bit layers kept in the
+    layout training used, and PEFT's k-bit preparation (norms in fp32) on a 4-bit base."""
+    model, dtype = load_base_model(model_section, quant, location, device, sharded)
+    keep_4bit_layers_differentiable(model)
+    if quant.load_in_4bit and not sharded:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, dtype
+
+
+def finish_as_trained(peft_model: PeftModel, quant: QuantSection, dtype: torch.dtype) -> None:
+    """What training does once LoRA is attached: frozen embeddings back in bf16 (4-bit base,
+    bf16 compute) and the fused dropout-free LoRA path."""
+    if quant.load_in_4bit:
+        keep_frozen_embeddings_in(peft_model.get_base_model(), dtype)
+    enable_fast_lora(peft_model, dtype)
+
+
+def load_adapter_as_trained(
+    location: str,
+    adapter_dir: Path,
+    quant: QuantSection,
+    model_section: ModelSection | None = None,
+    device: torch.device | None = None,
+) -> PeftModel:
+    """A saved adapter on its base, loaded as it was trained (the same base preparation,
+    embeddings and LoRA path as `build_trainable_model`), in eval mode."""
+    device = device or torch.device("cpu")
+    model, dtype = load_base_as_trained(model_section or ModelSection(), quant, location, device)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise LorakitError(
+            f"{adapter_dir}: the adapter does not fit its base model {location}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    finish_as_trained(peft_model, quant, dtype)
+    return peft_model.eval()
 
 
 def keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:
@@ -283,11 +339,8 @@ def build_trainable_model(
 
     `sharded` (FSDP QLoRA): no fp32 up-casting of norms and adapters, which would mix dtypes
     inside the tensors FSDP flattens."""
-    model, dtype = load_base_model(recipe, location, device, sharded)
-    keep_4bit_layers_differentiable(model)
+    model, dtype = load_base_as_trained(recipe.model, recipe.quant, location, device, sharded)
     targets = resolve_target_modules(model, recipe.lora.target_modules)
-    if recipe.quant.load_in_4bit and not sharded:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if recipe.train.gradient_checkpointing:
         # A re-entrant checkpoint hides the layer from the compiler (it would run eager).
         reentrant = REENTRANT_CHECKPOINTING and not sharded and not recipe.train.torch_compile
@@ -299,9 +352,7 @@ def build_trainable_model(
         )
     except ValueError as exc:
         raise LorakitError(f"lora: {str(exc).splitlines()[0]}") from None
-    if recipe.quant.load_in_4bit:
-        keep_frozen_embeddings_in(peft_model.get_base_model(), dtype)
-    enable_fast_lora(peft_model, dtype)
+    finish_as_trained(peft_model, recipe.quant, dtype)
     trainable, total = peft_model.get_nb_trainable_parameters()
     shared_prefix = enable_shared_prefix(peft_model.get_base_model(), recipe.data, sharded)
     compiled = "off"

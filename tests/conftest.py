@@ -45,32 +45,12 @@ FP32 = {"bnb_4bit_compute_dtype": "float32"}
 
 
 def load_adapter_as_trained(base_dir: Path | str, adapter_dir: Path | str):
-    """The NF4 (double-quant, fp32 compute) base with a saved adapter, straight from
-    transformers and PEFT: the model training ran, rebuilt without lorakit."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """The NF4 (double-quant, fp32 compute) base with a saved adapter, loaded as training ran
+    (lorakit's one loader, `peft_setup.load_adapter_as_trained`)."""
+    from lorakit.peft_setup import load_adapter_as_trained as load
+    from lorakit.recipe import QuantSection
 
-    from lorakit.peft_setup import keep_4bit_layers_differentiable
-
-    base = AutoModelForCausalLM.from_pretrained(
-        base_dir,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        ),
-        dtype=torch.float32,
-    )
-    # Same 4-bit kernel as in training (the AVX-512-BF16 inference repacking computes in bf16).
-    keep_4bit_layers_differentiable(base)
-    return PeftModel.from_pretrained(base, adapter_dir).eval()
-
-
-# Set before anything imports huggingface_hub, which reads them once: later, a hub id that is
-# not cached would be retried over the (absent) network for most of a minute.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return load(str(base_dir), Path(adapter_dir), QuantSection(**FP32))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -40,7 +40,7 @@ from lorakit.errors import LorakitError
 from lorakit.files import atomic_dir, check_writable, file_digest, safetensors_digests, write_json
 from lorakit.merge_methods import DEFAULT_METHOD, MERGE_METHODS
 from lorakit.models import ResolvedModel, load_config, load_tokenizer, resolve_model
-from lorakit.peft_setup import keep_4bit_layers_differentiable, load_base_model
+from lorakit.peft_setup import load_base_as_trained
 from lorakit.recipe import Recipe, load_recipe
 from lorakit.run_folder import (
     ADAPTER_CONFIG,
@@ -434,8 +434,7 @@ def load_dequantized_base(
             f"{adapter.folder}: trained on an unquantized base (quant.load_in_4bit: false), "
             "so there is no 4-bit round trip to reproduce; use --base original"
         )
-    model, _ = load_base_model(recipe, base.location, torch.device("cpu"))
-    keep_4bit_layers_differentiable(model)  # keep the packed layout dequantize_4bit reads
+    model, _ = load_base_as_trained(recipe.model, recipe.quant, base.location, torch.device("cpu"))
     for name, module in list(model.named_modules()):
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
