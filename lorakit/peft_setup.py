@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 
 from lorakit.dtypes import AUTO, torch_dtype
 from lorakit.errors import LorakitError
@@ -101,7 +101,7 @@ def load_base_model(
             location,
             quantization_config=build_bnb_config(quant, dtype),
             dtype=storage if sharded and quant.load_in_4bit else dtype,
-            attn_implementation=model_section.attn_implementation,
+            attn_implementation=attention_for(model_section.attn_implementation),
             trust_remote_code=model_section.trust_remote_code,
             revision=model_section.revision,
             **kwargs,
@@ -111,6 +111,27 @@ def load_base_model(
             f"cannot load the model from {location}: {str(exc).splitlines()[0]}"
         ) from None
     return model, dtype
+
+
+def attention_for(setting: str) -> str | None:
+    """transformers' `attn_implementation` for a recipe's setting (None: its own choice)."""
+    return None if setting == "auto" else setting
+
+
+def check_attention(setting: str, config: PretrainedConfig) -> None:
+    """An attention kernel the architecture does not implement, refused before loading."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    supports = {
+        "sdpa": getattr(model_class, "_supports_sdpa", True),
+        "flash_attention_2": getattr(model_class, "_supports_flash_attn", True),
+    }
+    if model_class is not None and not supports.get(setting, True):
+        raise LorakitError(
+            f"model.attn_implementation: {setting} is not implemented for "
+            f"{model_class.__name__}; use auto (or eager)"
+        )
 
 
 def load_base_as_trained(

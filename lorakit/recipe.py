@@ -45,8 +45,9 @@ class ModelSection(_Section):
     """A hub revision (branch, tag or commit) when `name_or_path` is a hub id."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub model. Off unless you trust its author."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """The attention kernel (transformers' `attn_implementation`)."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """The attention kernel (transformers' `attn_implementation`); `auto`: SDPA where the
+    architecture supports it, else eager (Gemma 2)."""
 
 
 class QuantSection(_Section):

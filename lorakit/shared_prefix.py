@@ -160,7 +160,33 @@ def _unsupported(causal_lm: nn.Module, data: DataSection, sharded: bool) -> str 
         return f"sliding-window attention ({window} < max_seq_len)"
     if getattr(config, "attn_logit_softcapping", None):
         return "soft-capped attention"
+    dropout = model_dropout(config)
+    if dropout:
+        # The prefix would draw one dropout mask for all examples instead of one each.
+        return f"the model applies dropout ({', '.join(dropout)})"
     return None
+
+
+# Dropout probabilities transformers configs use for the backbone (not LoRA's own dropout).
+_DROPOUT_KEYS = (
+    "attention_dropout",
+    "attn_pdrop",
+    "embd_pdrop",
+    "resid_pdrop",
+    "hidden_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+)
+
+
+def model_dropout(config: object) -> list[str]:
+    """The backbone's non-zero dropout settings, as `name value`."""
+    found = []
+    for key in _DROPOUT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int | float) and value > 0:
+            found.append(f"{key} {value:g}")
+    return found
 
 
 def _probe(causal_lm: nn.Module) -> str | None:

@@ -149,7 +149,11 @@ def test_the_start_up_check_refuses_a_model_that_would_get_it_wrong(
         assert model.get_base_model().config._attn_implementation == "sdpa"
 
 
-def test_gpt2_decides_by_the_check(tiny_model, write_recipe):
-    recipe = load_recipe(write_recipe(tiny_model("gpt2"), quant=FP32))
+def test_a_model_with_dropout_does_not_share(tiny_model, write_recipe):
+    """GPT-2 drops out attention, embeddings and residuals in training: a shared prefix would
+    draw one mask for every example of the row, where the padded batch draws one each."""
+    recipe = load_recipe(write_recipe(tiny_model("gpt2"), data_kind="alpaca", quant=FP32))
     _, summary = build_trainable_model(recipe, str(recipe.model.name_or_path), CPU)
-    assert summary.shared_prefix == "on"
+    assert summary.shared_prefix == (
+        "off (the model applies dropout (attn_pdrop 0.1, embd_pdrop 0.1, resid_pdrop 0.1))"
+    )

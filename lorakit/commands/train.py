@@ -33,8 +33,8 @@ from lorakit.decoding import generate
 from lorakit.errors import LorakitError
 from lorakit.files import check_writable
 from lorakit.loss import TokenNLL, causal_lm_of, evaluate_loss
-from lorakit.models import ResolvedModel, load_tokenizer, loadable, resolve_model
-from lorakit.peft_setup import ModelSummary, build_trainable_model
+from lorakit.models import ResolvedModel, load_config, load_tokenizer, loadable, resolve_model
+from lorakit.peft_setup import ModelSummary, build_trainable_model, check_attention
 from lorakit.recipe import Recipe
 from lorakit.resume import (
     CHECKPOINTS_DIR,
@@ -410,7 +410,10 @@ def load_inputs(recipe: Recipe) -> tuple[ResolvedModel, PreTrainedTokenizerBase,
     resolved = resolve_model(recipe.model.name_or_path, convert=False)
     tokenizer = load_tokenizer(resolved.location, recipe.model.trust_remote_code)
     data = prepare_data(recipe, tokenizer)
-    return loadable(resolved), tokenizer, data
+    resolved = loadable(resolved)
+    config = load_config(resolved.location, recipe.model.trust_remote_code)
+    check_attention(recipe.model.attn_implementation, config)
+    return resolved, tokenizer, data
 
 
 def show_start(
