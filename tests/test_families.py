@@ -205,3 +205,26 @@ def test_resume_is_exact(family, tiny_model, write_recipe, monkeypatch):
     got = load_file(resumed.adapter_dir / "adapter_model.safetensors")
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_the_merged_model_exports_to_gguf_and_runs_in_llama_cpp(family, trained_runs, tmp_path):
+    """train → merge → GGUF (f16 and q8_0) → llama.cpp, the path a user takes to serve the
+    adapter (GPT-2 has no GGUF export: refused in one line)."""
+    from lorakit.errors import LorakitError
+    from lorakit.quantization.gguf import export_gguf, verify_gguf
+
+    result = trained_runs(family)
+    merged = merge(
+        MergeOptions(source=result.run_dir, out=tmp_path / "merged", dtype="float32"),
+        console=QUIET,
+    )
+    if family == "gpt2":
+        with pytest.raises(LorakitError, match="GGUF export supports"):
+            export_gguf(str(merged.out), tmp_path / "m.gguf")
+        return
+    for gguf_type, agreement in (("f16", 0.9), ("q8_0", 0.75)):
+        out = tmp_path / f"m.{gguf_type}.gguf"
+        export_gguf(str(merged.out), out, gguf_type=gguf_type)
+        checks = verify_gguf(out, str(merged.out), new_tokens=12)
+        assert all(check.same_prompt_tokens for check in checks), checks
+        assert sum(c.agreement for c in checks) / len(checks) >= agreement, (gguf_type, checks)
