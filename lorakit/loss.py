@@ -51,6 +51,7 @@ class TokenNLL(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        order: torch.Tensor | None = None,  # which example is where: a sum needs no order
     ) -> tuple[torch.Tensor, torch.Tensor]:
         causal_lm = causal_lm_of(self.model)
         head = causal_lm.get_output_embeddings()

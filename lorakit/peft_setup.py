@@ -18,6 +18,7 @@ from lorakit.dtypes import AUTO, torch_dtype
 from lorakit.errors import LorakitError
 from lorakit.fast_lora import enable_fast_lora
 from lorakit.recipe import LoraSection, ModelSection, QuantSection, Recipe
+from lorakit.run_folder import starting_adapter
 from lorakit.shared_prefix import enable_shared_prefix
 
 REENTRANT_CHECKPOINTING = True
@@ -294,6 +295,8 @@ def build_lora_config(lora: LoraSection, target_modules: list[str]) -> LoraConfi
 
 @dataclass(frozen=True)
 class ModelSummary:
+    lora: str
+    """The adapter's settings (the recipe's, or the starting adapter's)."""
     base_parameters: int
     trainable_parameters: int
     quantization: str
@@ -353,6 +356,36 @@ def compile_decoder_layers(model: PreTrainedModel) -> int:
     return len(layers)
 
 
+ADAPTER = "default"
+"""The name of the adapter lorakit trains (PEFT's default)."""
+REFERENCE_ADAPTER = "reference"
+"""DPO's reference when training goes on from `model.adapter`: a frozen copy of it."""
+
+
+def continue_adapter(model: PreTrainedModel, recipe: Recipe, sharded: bool) -> PeftModel:
+    """The base with `model.adapter` loaded trainable; for DPO also a frozen copy of it, the
+    reference (the policy starts equal to it)."""
+    from lorakit.preference import add_reference_adapter
+
+    peft_model = PeftModel.from_pretrained(
+        model,
+        str(starting_adapter(recipe)),
+        adapter_name=ADAPTER,
+        is_trainable=True,
+        autocast_adapter_dtype=not sharded,
+    )
+    if recipe.train.method == "dpo":
+        add_reference_adapter(peft_model, REFERENCE_ADAPTER)
+    return peft_model
+
+
+def describe_lora(config: LoraConfig) -> str:
+    scale = " rslora" if config.use_rslora else ""
+    return f"r={config.r} alpha={config.lora_alpha:g} dropout={config.lora_dropout:g}{scale}" + (
+        " dora" if config.use_dora else ""
+    )
+
+
 def build_trainable_model(
     recipe: Recipe, location: str, device: torch.device, sharded: bool = False
 ) -> tuple[PeftModel, ModelSummary]:
@@ -361,18 +394,23 @@ def build_trainable_model(
     `sharded` (FSDP QLoRA): no fp32 up-casting of norms and adapters, which would mix dtypes
     inside the tensors FSDP flattens."""
     model, dtype = load_base_as_trained(recipe.model, recipe.quant, location, device, sharded)
-    targets = resolve_target_modules(model, recipe.lora.target_modules)
+    if recipe.model.adapter is None:
+        targets = resolve_target_modules(model, recipe.lora.target_modules)
     if recipe.train.gradient_checkpointing:
         # A re-entrant checkpoint hides the layer from the compiler (it would run eager).
         reentrant = REENTRANT_CHECKPOINTING and not sharded and not recipe.train.torch_compile
         enable_checkpointing(model, recipe.train.checkpoint_every_n_layers, reentrant)
     model.config.use_cache = False
-    try:
-        peft_model = get_peft_model(
-            model, build_lora_config(recipe.lora, targets), autocast_adapter_dtype=not sharded
-        )
-    except ValueError as exc:
-        raise LorakitError(f"lora: {str(exc).splitlines()[0]}") from None
+    if recipe.model.adapter is not None:
+        peft_model = continue_adapter(model, recipe, sharded)
+        targets = sorted(peft_model.peft_config[ADAPTER].target_modules)
+    else:
+        try:
+            peft_model = get_peft_model(
+                model, build_lora_config(recipe.lora, targets), autocast_adapter_dtype=not sharded
+            )
+        except ValueError as exc:
+            raise LorakitError(f"lora: {str(exc).splitlines()[0]}") from None
     finish_as_trained(peft_model, recipe.quant, dtype)
     trainable, total = peft_model.get_nb_trainable_parameters()
     shared_prefix = enable_shared_prefix(peft_model.get_base_model(), recipe.data, sharded)
@@ -380,7 +418,10 @@ def build_trainable_model(
     if recipe.train.torch_compile:  # after the shared-prefix check, which runs eager
         compiled = f"{compile_decoder_layers(peft_model.get_base_model())} decoder layers"
     layers = recipe.lora.layers_to_transform
+    config = peft_model.peft_config[ADAPTER]
     summary = ModelSummary(
+        lora=describe_lora(config)
+        + (f", continuing {recipe.model.adapter}" if recipe.model.adapter else ""),
         base_parameters=total - trainable,
         trainable_parameters=trainable,
         quantization=describe_quantization(recipe.quant),

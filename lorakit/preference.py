@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lorakit.data import IGNORE_INDEX
 from lorakit.loss import causal_lm_of, chunk_positions
-from lorakit.shared_prefix import backbone_forward
+from lorakit.shared_prefix import SharedPrefixLayout, backbone_forward
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -440,3 +440,153 @@ def simpo_loss(
     )
     metrics["nll_loss"] = nll.detach()
     return PreferenceLoss(loss, metrics)
+
+
+# --- the training objective --------------------------------------------------------------------
+
+
+def example_index(
+    labels: torch.Tensor, segments: torch.Tensor | None, order: torch.Tensor | None
+) -> torch.Tensor:
+    """[R, T]: which example each token belongs to (-1: a shared prompt prefix or padding).
+    Padded rows are examples 0…R-1; a shared-prefix row (`collate_shared`) holds the prefix,
+    then each example's own tokens, example `order[k]` in slot k."""
+    rows, width = labels.shape
+    if segments is None:
+        return torch.arange(rows, device=labels.device)[:, None].expand(rows, width)
+    prefix, *lengths = segments.tolist()
+    owners = [torch.full((prefix,), -1, dtype=torch.long)]
+    slots = zip(order.tolist(), lengths, strict=True)
+    owners += [torch.full((n,), k, dtype=torch.long) for k, n in slots]
+    index = torch.cat(owners)
+    return torch.nn.functional.pad(index, (0, width - index.numel()), value=-1)[None].to(
+        labels.device
+    )
+
+
+def pair_log_probs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
+    nll_mask: torch.Tensor | None = None,
+) -> tuple[SequenceLogProbs, torch.Tensor | None]:
+    """`policy_log_probs` for a collated preference batch in either layout: padded 2P rows, or
+    one shared-prefix row whose prompt runs once. The scored positions are mapped back to their
+    example (a position scores the token after it, which belongs to the same example: the
+    first token of each example's own part is never scored)."""
+    causal_lm = causal_lm_of(model)
+    layout = None if segments is None else SharedPrefixLayout.from_segments(segments, labels.device)
+    hidden = backbone_forward(causal_lm, input_ids, attention_mask, position_ids, layout)
+    owner = example_index(labels, segments, order)[:, 1:]
+    answer = labels[:, 1:] != IGNORE_INDEX
+    scored = answer if nll_mask is None else answer | nll_mask
+    head = causal_lm.get_output_embeddings()
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    values = head_log_probs(hidden[:, :-1][scored], input_ids[:, 1:][scored], head, softcap)
+    examples = int(owner.max()) + 1
+    is_answer, owners = answer[scored], owner[scored]
+    sums = values.new_zeros(examples).index_add(0, owners[is_answer], values[is_answer])
+    counts = torch.bincount(owners[is_answer], minlength=examples)
+    nll = None
+    if nll_mask is not None:
+        nll_positions = nll_mask[scored] & (owners < examples // 2)
+        nll = -values[nll_positions].sum() / nll_positions.sum()
+    return SequenceLogProbs(sums, counts), nll
+
+
+class PreferenceObjective(nn.Module):
+    """Wraps the (PEFT) model so that one forward of a preference batch returns (sum of the
+    per-pair losses, pairs), as `lorakit.loss.TokenNLL` returns (sum of token NLL, tokens): the
+    training loop normalizes either by its step's count, so micro-batches and processes do not
+    change the loss. The method's metrics (TRL's names) accumulate, summed over pairs, until
+    `pop_metrics`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str,
+        *,
+        beta: float,
+        loss_type: str | None = None,
+        label_smoothing: float | None = None,
+        gamma: float | None = None,
+        reference: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.method, self.beta, self.loss_type = method, beta, loss_type
+        self.label_smoothing, self.gamma = label_smoothing or 0.0, gamma
+        self.reference = reference
+        """The adapter that is DPO's reference (None: the base with the adapter off)."""
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        pairs: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        order: torch.Tensor | None = None,
+        reference: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layout = {"position_ids": position_ids, "segments": segments, "order": order}
+        nll_mask = None
+        if self.method == "orpo":  # padded rows only: the loader does not share ORPO's prompts
+            nll_mask = orpo_nll_mask(attention_mask)
+        policy, nll = pair_log_probs(
+            self.model, input_ids, attention_mask, labels, nll_mask=nll_mask, **layout
+        )
+        if self.method == "dpo":
+            if reference is None:
+                reference = self.reference_log_probs(input_ids, attention_mask, labels, **layout)
+            result = dpo_loss(
+                policy,
+                reference,
+                beta=self.beta,
+                loss_type=self.loss_type or "sigmoid",
+                label_smoothing=self.label_smoothing,
+            )
+        elif self.method == "orpo":
+            result = orpo_loss(policy, nll, beta=self.beta)
+        else:
+            result = simpo_loss(
+                policy, beta=self.beta, gamma=self.gamma, label_smoothing=self.label_smoothing
+            )
+        count = pairs.to(result.loss.device, torch.float32)
+        for name, value in result.metrics.items():
+            self._sums[name] = self._sums.get(name, 0.0) + value.float() * count
+        self._sums["pairs"] = self._sums.get("pairs", 0.0) + count
+        return result.loss * count, pairs
+
+    @torch.no_grad()
+    def reference_log_probs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        **layout: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Summed answer log-probs under the reference, per example (row order of the pairs)."""
+        with reference_adapter(self.model, self.reference), _eval_mode(self.model):
+            sums, _ = pair_log_probs(self.model, input_ids, attention_mask, labels, **layout)
+        return sums.sums
+
+    def pop_metrics(self, reduce=None) -> dict[str, float]:
+        """The metrics since the last call, as means over pairs (`reduce` sums a tensor over
+        processes, e.g. `accelerator.reduce`)."""
+        if not self._sums:
+            return {}
+        names = sorted(self._sums)
+        totals = torch.stack([torch.as_tensor(self._sums[n]).float() for n in names])
+        if reduce is not None:
+            totals = reduce(totals)
+        self._sums = {}
+        values = dict(zip(names, totals.tolist(), strict=True))
+        pairs = values.pop("pairs")
+        return {name: value / max(pairs, 1.0) for name, value in values.items()}

@@ -20,6 +20,7 @@ from pydantic import (
     NonNegativeInt,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -48,6 +49,10 @@ class ModelSection(_Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     """The attention kernel (transformers' `attn_implementation`); `auto`: SDPA where the
     architecture supports it, else eager (Gemma 2)."""
+    adapter: str | None = None
+    """Start from this adapter (a run, adapter or checkpoint folder trained on the same base)
+    instead of a new one: SFT on new data, or DPO after SFT, where it is also the reference.
+    Its LoRA settings replace the `lora` section's."""
 
 
 class QuantSection(_Section):
@@ -186,6 +191,25 @@ class DataSection(_Section):
         return self
 
 
+METHODS = ("sft", "dpo", "orpo", "simpo")
+PREFERENCE_METHODS = ("dpo", "orpo", "simpo")
+METHOD_SETTINGS = {
+    "beta": ("dpo", "orpo", "simpo"),
+    "loss_type": ("dpo",),
+    "label_smoothing": ("dpo", "simpo"),
+    "gamma": ("simpo",),
+    "precompute_ref_log_probs": ("dpo",),
+}
+"""Which methods each preference setting belongs to."""
+PREFERENCE_DEFAULTS = {
+    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0,
+            "precompute_ref_log_probs": False},
+    "orpo": {"beta": 0.1},
+    "simpo": {"beta": 0.1, "gamma": 0.5, "label_smoothing": 0.0},
+}  # fmt: skip
+"""TRL 1.16's defaults (DPOConfig, ORPOConfig, CPOConfig with loss_type simpo)."""
+
+
 class EarlyStopping(_Section):
     patience: PositiveInt = 3
     """Stop after this many evaluations in a row without improvement."""
@@ -231,6 +255,42 @@ class TrainSection(_Section):
     """A step with a NaN/inf loss or gradient is skipped; abort after this many in a row."""
     early_stopping: EarlyStopping | None = None
     """Stop when the eval loss stops improving (needs eval_steps and validation data)."""
+    method: Literal[METHODS] = "sft"  # type: ignore[valid-type]
+    """`sft`: learn the answers. Preference tuning on chosen/rejected pairs: `dpo` (against a
+    reference: the base with the adapter off, or the starting `model.adapter`), `orpo` and
+    `simpo` (no reference). The settings below are TRL's names; each belongs to some methods."""
+    beta: float | None = Field(None, gt=0)
+    """dpo, orpo, simpo (default 0.1): DPO's KL weight, ORPO's λ, SimPO's reward scale."""
+    loss_type: Literal["sigmoid", "ipo"] | None = None
+    """dpo (default sigmoid): `sigmoid` (the DPO paper) or `ipo` (length-normalized, as TRL)."""
+    label_smoothing: float | None = Field(None, ge=0, lt=0.5)
+    """dpo with sigmoid, simpo (default 0): the chance a pair's label is wrong (conservative
+    DPO)."""
+    gamma: float | None = Field(None, ge=0)
+    """simpo (default 0.5): the target reward margin (TRL's `simpo_gamma`)."""
+    precompute_ref_log_probs: bool | None = None
+    """dpo (default false): compute the reference log-probs of every training pair once before
+    training, instead of one reference forward per step."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        """Fill the settings of the recipe's method with TRL's defaults, so the resolved recipe
+        shows them; the other methods' settings stay unset."""
+        if isinstance(data, dict) and data.get("method") in PREFERENCE_DEFAULTS:
+            return {**PREFERENCE_DEFAULTS[data["method"]], **data}
+        return data
+
+    @field_validator(*METHOD_SETTINGS)
+    @classmethod
+    def _setting_of_the_method(cls, value: Any, info: ValidationInfo) -> Any:
+        method = info.data.get("method", "sft")
+        owners = METHOD_SETTINGS[info.field_name]
+        if value is not None and method not in owners:
+            raise ValueError(
+                f"a setting of train.method {' / '.join(owners)}; this recipe's method is {method}"
+            )
+        return value
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -243,6 +303,12 @@ class TrainSection(_Section):
     def _early_stopping_needs_evaluations(self) -> TrainSection:
         if self.early_stopping is not None and self.eval_steps is None:
             raise ValueError("early_stopping needs eval_steps (evaluate every N steps)")
+        return self
+
+    @model_validator(mode="after")
+    def _smoothing_fits_the_loss(self) -> TrainSection:
+        if self.loss_type == "ipo" and self.label_smoothing:
+            raise ValueError("label_smoothing applies to loss_type sigmoid, not ipo")
         return self
 
     @model_validator(mode="after")
@@ -272,6 +338,15 @@ class Recipe(_Section):
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     output: OutputSection
+
+    @model_validator(mode="after")
+    def _preference_pairs_are_not_packed(self) -> Recipe:
+        if self.train.method != "sft" and self.data.packing:
+            raise ValueError(
+                f"data.packing: train.method {self.train.method} scores each answer on its own "
+                "row; preference pairs are not packed (set data.packing: false)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _early_stopping_needs_validation_data(self) -> Recipe:

@@ -69,6 +69,8 @@ class TrainingState:
     batches_in_epoch: int = 0
     """Micro-batches of `epoch` already consumed (per process)."""
     trained_tokens: int = 0
+    trained_pairs: int = 0
+    """Preference tuning counts pairs where SFT counts tokens."""
     train_seconds: float = 0.0
     last_loss: float = float("nan")
     skipped_steps: int = 0

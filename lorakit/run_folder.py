@@ -131,7 +131,10 @@ def write_adapter_files(
 ) -> None:
     """Weights, config, tokenizer + chat template, the resolved recipe and provenance: what
     later commands need and nothing else. `state_dict` is the gathered state under FSDP."""
-    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    # Only the trained adapter: DPO on top of an adapter also holds a frozen reference copy.
+    model.save_pretrained(
+        folder, safe_serialization=True, state_dict=state_dict, selected_adapters=["default"]
+    )
     tokenizer.save_pretrained(folder)
     (folder / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
     write_json(folder / PROVENANCE_FILE, provenance)
@@ -169,3 +172,38 @@ def provenance(model: ResolvedModel, **sections: Any) -> dict[str, Any]:
         },
         **sections,
     }
+
+
+def starting_adapter(recipe: Recipe) -> Path:
+    """The adapter folder `model.adapter` names, checked before anything loads: it exists, it
+    was trained on this recipe's base, and the recipe does not also set LoRA settings."""
+    from lorakit.files import read_json
+    from lorakit.models import resolve_model
+    from lorakit.run_folder import adapter_folder_in, adapter_provenance, base_reference_of
+
+    given = Path(recipe.model.adapter or "")
+    folder = adapter_folder_in(given)
+    if folder is None:
+        raise LorakitError(
+            f"model.adapter: {given} is not a run, adapter or checkpoint folder "
+            "(no adapter_config.json here or in adapter/)"
+        )
+    config = read_json(folder / ADAPTER_CONFIG)
+    if recipe.lora.model_fields_set:
+        raise LorakitError(
+            f"lora: the starting adapter {given} brings its own LoRA settings (r="
+            f"{config.get('r')}, lora_alpha={config.get('lora_alpha')}); remove the lora section"
+        )
+    trained_on = base_reference_of(adapter_provenance(folder), config)
+    if trained_on:
+        here = resolve_model(recipe.model.name_or_path, convert=False).location
+        try:
+            there = resolve_model(trained_on, convert=False).location
+        except LorakitError:
+            there = trained_on
+        if here != there:
+            raise LorakitError(
+                f"model.adapter: {given} was trained on {trained_on!r}, not on "
+                f"{recipe.model.name_or_path!r}"
+            )
+    return folder

@@ -27,14 +27,20 @@ from transformers import PreTrainedTokenizerBase
 
 from lorakit.advice import compile_advice, data_advice, recipe_advice
 from lorakit.data import make_loader, prepare_data
-from lorakit.data.batching import EpochShuffle
+from lorakit.data.batching import EpochShuffle, collate_pairs
 from lorakit.data.pipeline import PreparedData
 from lorakit.decoding import generate
 from lorakit.errors import LorakitError
 from lorakit.files import check_writable
 from lorakit.loss import TokenNLL, causal_lm_of, evaluate_loss
 from lorakit.models import ResolvedModel, load_config, load_tokenizer, loadable, resolve_model
-from lorakit.peft_setup import ModelSummary, build_trainable_model, check_attention
+from lorakit.peft_setup import (
+    REFERENCE_ADAPTER,
+    ModelSummary,
+    build_trainable_model,
+    check_attention,
+)
+from lorakit.preference import PreferenceObjective
 from lorakit.recipe import Recipe
 from lorakit.resume import (
     CHECKPOINTS_DIR,
@@ -47,12 +53,19 @@ from lorakit.resume import (
     restore_adapter,
     restore_rng_state,
 )
-from lorakit.run_folder import RECIPE_FILE, check_run_dir, prepare_run_dir, provenance
+from lorakit.run_folder import (
+    RECIPE_FILE,
+    check_run_dir,
+    prepare_run_dir,
+    provenance,
+    starting_adapter,
+)
 from lorakit.tracking import (
     LOGS_DIR,
     MetricsLog,
     check_trackers,
     plot_losses,
+    read_metrics,
     start_trackers,
     truncate_metrics,
 )
@@ -202,16 +215,33 @@ class Run:
             self.say,
         )
 
+    @property
+    def preference(self) -> bool:
+        return self.recipe.train.method != "sft"
+
+    def method_metrics(self) -> dict[str, float]:
+        """A preference objective's metrics since the last call (rewards, accuracies, …)."""
+        objective = self.accelerator.unwrap_model(self.loss_module)
+        if not isinstance(objective, PreferenceObjective):
+            return {}
+        return objective.pop_metrics(lambda t: self.accelerator.reduce(t, reduction="sum"))
+
     def log_step(
-        self, bar: Progress, task: Any, step: int, loss: float, lr: float, norm: float, tokens: int
+        self, bar: Progress, task: Any, step: int, loss: float, lr: float, norm: float, count: int
     ) -> None:
+        """`count`: the step's trained tokens (SFT) or pairs (preference tuning)."""
         state, logging_steps = self.state, self.recipe.train.logging_steps
+        unit = "pairs" if self.preference else "trained_tokens"
         state.bad_steps_in_a_row = 0
         state.last_loss = loss
-        state.trained_tokens += tokens
-        self.clocked_tokens += tokens
+        if self.preference:
+            state.trained_pairs += count
+        else:
+            state.trained_tokens += count
+        self.clocked_tokens += count
         elapsed = time.perf_counter() - self.clock
         tps = self.clocked_tokens / elapsed
+        method_metrics = self.method_metrics()
         if step % logging_steps == 0 or step == self.total_steps:
             epochs = state.epoch + state.batches_in_epoch / len(self.train_loader)
             self.metrics.write(
@@ -219,18 +249,21 @@ class Run:
                     "step": step,
                     "epoch": round(epochs, 4),
                     "loss": loss,
+                    **method_metrics,
                     "lr": lr,
                     "grad_norm": norm,
-                    "trained_tokens": tokens,
-                    "trained_tokens_per_s": tps,
+                    unit: count,
+                    f"{unit}_per_s": tps,
                     "elapsed_s": round(state.train_seconds + elapsed, 3),
                 }
             )
         bar.update(task, completed=step, loss=loss, lr=lr, tps=tps)
         if self.main and not self.console.is_terminal and step % logging_steps == 0:
+            accuracy = method_metrics.get("rewards/accuracies")
+            shown = f"  reward accuracy {accuracy:.2f}" if accuracy is not None else ""
+            speed = f"{tps:.2f} pairs/s" if self.preference else f"{tps:.0f} trained tok/s"
             self.say(
-                f"step {step}/{self.total_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                f"{tps:.0f} trained tok/s"
+                f"step {step}/{self.total_steps}  loss {loss:.4f}{shown}  lr {lr:.2e}  {speed}"
             )
 
     def evaluation_due(self, step: int) -> bool:
@@ -242,9 +275,13 @@ class Run:
     def evaluate(self, step: int) -> float:
         """The eval loss at `step`, logged; early stopping decides here."""
         state, rule = self.state, self.recipe.train.early_stopping
+        self.method_metrics()  # the training steps' metrics are logged already
         eval_loss = evaluate_loss(self.loss_module, self.val_loader, self.accelerator)
-        self.metrics.write({"step": step, "eval_loss": eval_loss})
-        self.say(f"step {step}: eval loss {eval_loss:.4f}")
+        method_metrics = {f"eval_{k}": v for k, v in self.method_metrics().items()}
+        self.metrics.write({"step": step, "eval_loss": eval_loss, **method_metrics})
+        accuracy = method_metrics.get("eval_rewards/accuracies")
+        shown = f", reward accuracy {accuracy:.2f}" if accuracy is not None else ""
+        self.say(f"step {step}: eval loss {eval_loss:.4f}{shown}")
         if record_evaluation(state, eval_loss, rule):
             state.stop_reason = (
                 f"early stopping: no eval loss improvement over {rule.min_delta:g} in "
@@ -379,6 +416,8 @@ def setup(
         before_samples=before,
         started=started,
     )
+    if recipe.train.method == "dpo" and recipe.train.precompute_ref_log_probs:
+        precompute_reference(run)
     if checkpoint is None:
         evaluate_before_training(run)
     else:
@@ -408,6 +447,8 @@ def load_inputs(recipe: Recipe) -> tuple[ResolvedModel, PreTrainedTokenizerBase,
     converted (a minute for a real model) only once the data is known good: its tokenizer is
     read from the file."""
     resolved = resolve_model(recipe.model.name_or_path, convert=False)
+    if recipe.model.adapter is not None:
+        starting_adapter(recipe)
     tokenizer = load_tokenizer(resolved.location, recipe.model.trust_remote_code)
     data = prepare_data(recipe, tokenizer)
     resolved = loadable(resolved)
@@ -447,7 +488,8 @@ def prepare_for_training(
     tcfg = recipe.train
     # flash-attention reads packed examples from one flattened row (its varlen path).
     flat = recipe.data.packing and recipe.model.attn_implementation == "flash_attention_2"
-    share_prefix = summary.shared_prefix == "on"
+    # ORPO's NLL term covers the prompt tokens of each chosen row: they stay in their rows.
+    share_prefix = summary.shared_prefix == "on" and tcfg.method != "orpo"
     pad_id = tokenizer.pad_token_id
     train_loader = make_loader(
         data.train,
@@ -469,7 +511,7 @@ def prepare_for_training(
         flatten=flat,
         share_prefix=share_prefix,
     )
-    loss_module = TokenNLL(model)
+    loss_module = training_objective(recipe, model)
     # FSDP's auto-wrap shards the layers the model names as unsplittable (its decoder layers).
     loss_module._no_split_modules = getattr(causal_lm_of(model), "_no_split_modules", None)
     sampler = train_loader.sampler
@@ -477,6 +519,24 @@ def prepare_for_training(
         loss_module, build_optimizer(model, tcfg), train_loader, val_loader
     )
     return (*prepared, sampler)
+
+
+def training_objective(recipe: Recipe, model: PeftModel) -> torch.nn.Module:
+    """What one forward of a batch returns as (loss sum, count): token NLL for SFT, the
+    preference loss for DPO / ORPO / SimPO."""
+    tcfg = recipe.train
+    if tcfg.method == "sft":
+        return TokenNLL(model)
+    reference = REFERENCE_ADAPTER if REFERENCE_ADAPTER in model.peft_config else None
+    return PreferenceObjective(
+        model,
+        tcfg.method,
+        beta=tcfg.beta,
+        loss_type=tcfg.loss_type,
+        label_smoothing=tcfg.label_smoothing,
+        gamma=tcfg.gamma,
+        reference=reference,
+    )
 
 
 def restore_training_state(
@@ -513,13 +573,39 @@ def open_run_folder(
     return MetricsLog(run_dir, enabled=main, accelerator=accelerator)
 
 
+@torch.no_grad()
+def precompute_reference(run: Run) -> None:
+    """DPO's reference log-probs of every training pair, once: the reference never changes,
+    so the steps need no reference forward. Deterministic (no dropout), so a resumed run
+    computes the same values."""
+    objective = run.accelerator.unwrap_model(run.loss_module)
+    pairs = run.data.train
+    size = run.recipe.train.micro_batch_size
+    pad = run.tokenizer.pad_token_id
+    for start in range(0, len(pairs), size):
+        chunk = pairs[start : start + size]
+        batch = collate_pairs(chunk, pad)
+        batch = {k: v.to(run.accelerator.device) for k, v in batch.items() if k != "pairs"}
+        sums = objective.reference_log_probs(**batch).tolist()
+        for i, pair in enumerate(chunk):
+            pair.reference = (sums[i], sums[len(chunk) + i])
+    run.say(f"reference log-probs of {len(pairs)} training pairs computed")
+
+
 def evaluate_before_training(run: Run) -> None:
     if not run.data.validation:
         return
     state = run.state
     state.eval_before = evaluate_loss(run.loss_module, run.val_loader, run.accelerator)
     record_evaluation(state, state.eval_before, run.recipe.train.early_stopping)
-    run.metrics.write({"step": 0, "eval_loss": state.eval_before})
+    method_metrics = {f"eval_{k}": v for k, v in run.method_metrics().items()}
+    run.metrics.write({"step": 0, "eval_loss": state.eval_before, **method_metrics})
+    if run.preference:
+        accuracy = method_metrics.get("eval_rewards/accuracies", math.nan)
+        run.say(
+            f"eval loss before training: {state.eval_before:.4f} (reward accuracy {accuracy:.2f})"
+        )
+        return
     run.say(
         f"eval loss before training: {state.eval_before:.4f} "
         f"(perplexity {math.exp(state.eval_before):.2f})"
@@ -609,6 +695,13 @@ def check_fsdp_recipe(recipe: Recipe) -> None:
 # --- Finish ---------------------------------------------------------------------------------
 
 
+def held_out_accuracy(run_dir: Path) -> tuple[float, float] | None:
+    """The first and last held-out reward accuracy metrics.jsonl recorded."""
+    key = "eval_rewards/accuracies"
+    values = [record[key] for record in read_metrics(run_dir) if key in record]
+    return (values[0], values[-1]) if values else None
+
+
 def finish(run: Run) -> RunResult:
     """After the last step: the samples after training, the loss plot, the summary."""
     recipe, state = run.recipe, run.state
@@ -634,6 +727,10 @@ def finish(run: Run) -> RunResult:
         skipped_steps=state.skipped_steps,
         best=best_checkpoint(run.run_dir),
         resumed_from=list(state.resumed_from),
+        method=recipe.train.method,
+        trained_pairs=state.trained_pairs,
+        pairs_per_second=state.trained_pairs / max(state.train_seconds, 1e-9),
+        eval_accuracy=held_out_accuracy(run.run_dir) if run.preference else None,
     )
     run.say(result_table(result))
     for prompt, before, after_text in result.samples:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from lorakit.advice import recipe_advice
 from lorakit.data.formats import NO_CHAT_TEMPLATE
-from lorakit.data.pipeline import needs_chat_template, read_dataset
+from lorakit.data.pipeline import check_format_fits_method, needs_chat_template, read_dataset
 from lorakit.errors import LorakitError
 from lorakit.files import check_writable
 from lorakit.models import load_tokenizer, resolve_model
 from lorakit.recipe import load_recipe
+from lorakit.run_folder import starting_adapter
 
 
 def validate(path: Path, overrides: Sequence[str] = ()) -> list[str]:
@@ -20,9 +21,13 @@ def validate(path: Path, overrides: Sequence[str] = ()) -> list[str]:
     recipe = load_recipe(path, overrides)
     check_writable(Path(recipe.output.dir), "output.dir")
     model = resolve_model(recipe.model.name_or_path, convert=False)
+    if recipe.model.adapter is not None:
+        starting_adapter(recipe)
     warnings = [f"warning: {note}" for note in recipe_advice(recipe)]
     train = [read_dataset(spec, recipe.data.strict) for spec in recipe.data.train]
     val = [read_dataset(spec, recipe.data.strict) for spec in recipe.data.validation or []]
+    for source in train + val:
+        check_format_fits_method(source.format, recipe.train.method, source.stats.path)
     chats = [s.stats.path for s in train + val if needs_chat_template(s)]
     if chats and not recipe.data.chat_template and model.kind != "hub":
         tokenizer = load_tokenizer(model.location, recipe.model.trust_remote_code)

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from lorakit.data.pipeline import IGNORE_INDEX, Example
+from lorakit.data.pipeline import IGNORE_INDEX, Example, PreferencePair
 
 
 class EpochShuffle(Sampler[int]):
@@ -64,6 +64,8 @@ def collate(
     hide them). `flatten` joins the rows into one, the layout flash-attention's varlen path
     reads. `share_prefix`: examples that start with the same untrained tokens become one row
     holding those tokens once (`lorakit.shared_prefix`)."""
+    if isinstance(examples[0], PreferencePair):
+        return collate_pairs(examples, pad_token_id, share_prefix)
     if examples[0].position_ids is not None:
         return _collate_packed(examples, pad_token_id, flatten)
     prefix = trainable_shared_prefix(examples) if share_prefix else 0
@@ -79,6 +81,23 @@ def collate(
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_pairs(
+    pairs: Sequence[PreferencePair], pad_token_id: int, share_prefix: bool = False
+) -> dict[str, torch.Tensor]:
+    """2P rows: the P chosen answers, then the P rejected ones in the same pair order (TRL's
+    layout), so one forward runs both sides. With `share_prefix` the prompt tokens every row
+    starts with run once (one pair per micro-batch: its whole prompt). `pairs` counts the pairs
+    (the step's loss is normalized by them); `reference` holds precomputed reference log-probs
+    in row order when every pair has them."""
+    rows = [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]
+    batch = collate(rows, pad_token_id, share_prefix=share_prefix)
+    batch["pairs"] = torch.tensor(len(pairs))
+    if all(pair.reference is not None for pair in pairs):
+        sides = [[pair.reference[side] for pair in pairs] for side in (0, 1)]
+        batch["reference"] = torch.tensor(sides[0] + sides[1], dtype=torch.float64)
+    return batch
 
 
 MIN_SHARED_PREFIX = 4
@@ -112,11 +131,13 @@ def trainable_shared_prefix(examples: Sequence[Example]) -> int:
 def collate_shared(examples: Sequence[Example], prefix: int) -> dict[str, torch.Tensor]:
     """One row: the `prefix` tokens once, then each example's remaining tokens (longest first:
     a compiled attention then sees the same size order in every batch), with positions
-    continuing the prefix's; `segments` holds [prefix, own length of each example]."""
+    continuing the prefix's; `segments` holds [prefix, own length of each example] and `order`
+    which example each own part is."""
     input_ids, labels = list(examples[0].input_ids[:prefix]), list(examples[0].labels[:prefix])
     positions = list(range(prefix))
     segments = [prefix]
-    for example in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)
+    for example in (examples[i] for i in order):
         own = len(example.input_ids) - prefix
         input_ids += example.input_ids[prefix:]
         labels += example.labels[prefix:]
@@ -128,6 +149,7 @@ def collate_shared(examples: Sequence[Example], prefix: int) -> dict[str, torch.
         "labels": torch.tensor([labels]),
         "position_ids": torch.tensor([positions]),
         "segments": torch.tensor(segments),
+        "order": torch.tensor(order),
     }
 
 
@@ -176,7 +198,7 @@ def make_loader(
     are then built for the global batch, so N processes see the examples one process with
     N times the micro-batch would."""
     if shuffle and group_by_length and examples:
-        lengths = [len(e.input_ids) for e in examples]
+        lengths = [e.length for e in examples]
         sampler: EpochShuffle = LengthGroupedShuffle(lengths, batch_size * processes, seed)
     else:
         sampler = EpochShuffle(len(examples), seed, shuffle)

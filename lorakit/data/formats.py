@@ -56,6 +56,17 @@ PLAIN_PROMPT_WITH_INPUT = (
 )
 
 
+SIDES = ("chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class PairSegments:
+    """A preference row: the segments of prompt + chosen answer and of prompt + rejected."""
+
+    chosen: list[Segment]
+    rejected: list[Segment]
+
+
 @dataclass(frozen=True)
 class Tokens:
     """A pre-tokenized row: used as is, no template, no EOS added."""
@@ -140,6 +151,58 @@ def _normalize_prompt_completion(field: _Fields) -> dict[str, Any]:
             raise RowProblem("the completion has no assistant message to learn from")
         return {"messages": messages, "first_reply": len(messages) - len(completion)}
     raise RowProblem("'prompt' and 'completion' must both be strings or both message lists")
+
+
+def _normalize_preference(field: _Fields) -> dict[str, Any]:
+    """A prompt and two answers to it, the chosen and the rejected, in TRL's shapes: strings
+    (`prompt`, `chosen`, `rejected`), or message lists with an explicit `prompt` list or with
+    the prompt implicit as the messages both conversations start with."""
+    chosen, rejected = field.get("chosen", (str, list)), field.get("rejected", (str, list))
+    prompt = field.data.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if not isinstance(prompt, str):
+            raise RowProblem("'prompt' must be a string when 'chosen' and 'rejected' are strings")
+        for name, answer in (("chosen", chosen), ("rejected", rejected)):
+            if not answer.strip():
+                raise RowProblem(f"field {field.label(name)} is empty")
+        pair = {
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+            "plain_prompt": prompt,
+        }
+    elif isinstance(chosen, list) and isinstance(rejected, list):
+        pair = _conversational_pair(chosen, rejected, prompt, field.columns)
+    else:
+        raise RowProblem("'chosen' and 'rejected' must both be strings or both message lists")
+    if pair["chosen"] == pair["rejected"]:
+        raise RowProblem("'chosen' and 'rejected' are the same answer: nothing to prefer")
+    return pair
+
+
+def _conversational_pair(
+    chosen: list[Any], rejected: list[Any], prompt: Any, columns: dict[str, str]
+) -> dict[str, Any]:
+    chosen_messages = _messages(chosen, "chosen", columns)
+    rejected_messages = _messages(rejected, "rejected", columns)
+    if prompt is not None:
+        if not isinstance(prompt, list):
+            raise RowProblem("'prompt' must be a message list when the answers are")
+        # Normalized with an answer after it, as the whole conversation is validated.
+        prompt_messages = _messages(prompt + chosen, "prompt", columns)[: -len(chosen_messages)]
+        return {"prompt": prompt_messages, "chosen": chosen_messages, "rejected": rejected_messages}
+    shared = 0
+    for left, right in zip(chosen_messages, rejected_messages, strict=False):
+        if left != right:
+            break
+        shared += 1
+    if shared == 0:
+        raise RowProblem("'chosen' and 'rejected' share no prompt (give 'prompt' explicitly)")
+    return {
+        "prompt": chosen_messages[:shared],
+        "chosen": chosen_messages[shared:],
+        "rejected": rejected_messages[shared:],
+    }
 
 
 def _normalize_text(field: _Fields) -> dict[str, Any]:
@@ -243,8 +306,9 @@ class Renderer:
         self.bos = bos_text(tokenizer)
         self.segmenter = ChatSegmenter(tokenizer) if tokenizer.chat_template else None
 
-    def segments(self, data: dict[str, Any], fmt: str) -> list[Segment] | Tokens:
-        """A normalized row as text segments (or the row's own tokens); raises RowProblem."""
+    def segments(self, data: dict[str, Any], fmt: str) -> list[Segment] | Tokens | PairSegments:
+        """A normalized row as text segments (or the row's own tokens, or a preference pair's
+        two segment lists); raises RowProblem."""
         return FORMATS[fmt].render(self, data)
 
     def conversation(self, data: dict[str, Any]) -> list[Segment]:
@@ -269,6 +333,29 @@ class Renderer:
         if data["system"]:
             messages.insert(0, {"role": "system", "content": data["system"]})
         return self.conversation({"messages": messages})
+
+    def preference(self, data: dict[str, Any]) -> PairSegments:
+        """Both answers after the same prompt, through the chat template (a string row on a
+        model without one: prompt text, then the answer and EOS); only the answers are
+        trained, whatever `train_on` says."""
+        if self.segmenter is None and "plain_prompt" in data:
+            prompt = (data["plain_prompt"], False)
+            return PairSegments(
+                *(self.document([prompt, (data[side][0]["content"], True)]) for side in SIDES)
+            )
+        first = len(data["prompt"])
+        return PairSegments(
+            *(
+                chat_segments(
+                    data["prompt"] + data[side],
+                    self.tokenizer,
+                    "completions",
+                    first,
+                    self.segmenter,
+                )
+                for side in SIDES
+            )
+        )
 
     def prompt_completion(self, data: dict[str, Any]) -> list[Segment]:
         if "prompt" not in data:
@@ -347,6 +434,15 @@ class DataFormat:
 FORMATS: dict[str, DataFormat] = {
     f.name: f
     for f in (
+        DataFormat(
+            "preference",
+            ("chosen", "rejected"),
+            ("prompt", "chosen", "rejected", "role", "content"),
+            "`prompt`, `chosen`, `rejected`: strings, or message lists (the prompt may be the "
+            "messages both start with)",
+            _normalize_preference,
+            Renderer.preference,
+        ),
         DataFormat(
             "chat",
             ("messages",),

@@ -17,7 +17,14 @@ from transformers import PreTrainedTokenizerBase
 
 from lorakit.data import cache
 from lorakit.data.chat import RowProblem, load_chat_template, split_by_prefixes
-from lorakit.data.formats import IGNORE_INDEX, Renderer, Tokens, detect_format, normalize
+from lorakit.data.formats import (
+    IGNORE_INDEX,
+    PairSegments,
+    Renderer,
+    Tokens,
+    detect_format,
+    normalize,
+)
 from lorakit.data.packing import pack_examples
 from lorakit.data.sources import Row, read_rows, source_fingerprint
 from lorakit.errors import LorakitError
@@ -40,6 +47,47 @@ class Example:
     def trained_tokens(self) -> int:
         """Tokens the loss covers: the first label is never predicted (no token precedes it)."""
         return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
+    @property
+    def token_count(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class PreferencePair:
+    """A prompt with a chosen and a rejected answer: two examples whose tokens agree up to the
+    end of the prompt, each labelled on its own answer only."""
+
+    chosen: Example
+    rejected: Example
+    reference: tuple[float, float] | None = None
+    """The reference model's summed log-probs of (chosen, rejected), when precomputed."""
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens before the first answer token (shared by both sides)."""
+        first = [
+            next((i for i, t in enumerate(side.labels) if t != IGNORE_INDEX), len(side.labels))
+            for side in (self.chosen, self.rejected)
+        ]
+        return min(first)
+
+    @property
+    def token_count(self) -> int:
+        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
+    @property
+    def trained_tokens(self) -> int:
+        return self.chosen.trained_tokens + self.rejected.trained_tokens
+
+    @property
+    def length(self) -> int:
+        """The longer side, for grouping batches by length."""
+        return max(len(self.chosen.input_ids), len(self.rejected.input_ids))
 
 
 @dataclass
@@ -118,10 +166,28 @@ def read_dataset(spec: DatasetSpec, strict: bool = False) -> DatasetRows:
     return DatasetRows(fmt, rows, stats)
 
 
+def check_format_fits_method(fmt: str, method: str, path: str) -> None:
+    """Preference data trains with a preference method, everything else with SFT."""
+    if method == "sft" and fmt == "preference":
+        raise LorakitError(
+            f"{path}: preference data (chosen and rejected answers) trains with train.method "
+            "dpo, orpo or simpo; this recipe's method is sft"
+        )
+    if method != "sft" and fmt != "preference":
+        raise LorakitError(
+            f"{path}: train.method {method} needs preference data (rows with a prompt, a "
+            f"chosen and a rejected answer); this file is {fmt} data"
+        )
+
+
 def needs_chat_template(source: DatasetRows) -> bool:
-    """Rows that are conversations render through a chat template (alpaca rows fall back to a
-    plain prompt without one)."""
-    return any("messages" in row.data for row in source.rows)
+    """Rows that are conversations render through a chat template (alpaca rows and preference
+    rows of strings fall back to plain text without one)."""
+    return any(_conversation(row.data) for row in source.rows)
+
+
+def _conversation(data: dict[str, Any]) -> bool:
+    return "messages" in data or ("chosen" in data and "plain_prompt" not in data)
 
 
 def load_rows(specs: list[DatasetSpec], strict: bool = False) -> list[tuple[Row, str]]:
@@ -215,9 +281,8 @@ def tokenize_rows(
             rendered.append((renderer.segments(row.data, fmt), fmt, row.where))
         except RowProblem as problem:
             _skip(stats, f"{row.where}: {problem}", strict)
-    ids = iter(
-        encode_texts(tokenizer, [t for s, _, _ in rendered if isinstance(s, list) for t, _ in s])
-    )
+    texts = [t for s, _, _ in rendered for t, _ in _text_segments(s)]
+    ids = iter(encode_texts(tokenizer, texts))
     vocab = len(tokenizer)
     examples: list[Example] = []
     stream: list[int] = []  # text documents, joined
@@ -231,6 +296,10 @@ def tokenize_rows(
                     strict,
                 )
                 continue
+        elif isinstance(segments, PairSegments):
+            pair = PreferencePair(_masked(segments.chosen, ids), _masked(segments.rejected, ids))
+            _fit_pair(pair, max_seq_len, examples, stats)
+            continue
         else:
             example = _masked(segments, ids)
         if fmt == "text":
@@ -241,9 +310,16 @@ def tokenize_rows(
     if rows and not rendered:
         _nothing_left(stats)
     stats.examples = len(examples)
-    stats.tokens = sum(len(e.input_ids) for e in examples)
+    stats.tokens = sum(e.token_count for e in examples)
     stats.trained_tokens = sum(e.trained_tokens for e in examples)
     return examples, stats
+
+
+def _text_segments(segments: Any) -> list[tuple[str, bool]]:
+    """The text segments of a rendered row, in the order they are tokenized."""
+    if isinstance(segments, PairSegments):
+        return segments.chosen + segments.rejected
+    return segments if isinstance(segments, list) else []
 
 
 def _masked(segments: list[tuple[str, bool]], ids: Any) -> Example:
@@ -284,6 +360,24 @@ def _fit(example: Example, max_seq_len: int, out: list[Example], stats: DatasetS
     out.append(example)
 
 
+def _fit_pair(pair: PreferencePair, max_seq_len: int, out: list[Any], stats: DatasetStats) -> None:
+    """Truncation keeps the prompt and cuts the answers (counted); a prompt that leaves no room
+    for an answer token drops the pair (counted)."""
+    prompt = pair.prompt_length
+    if prompt >= max_seq_len:
+        stats.dropped += 1
+        return
+    if max(len(pair.chosen.input_ids), len(pair.rejected.input_ids)) > max_seq_len:
+        stats.truncated += 1
+        pair = PreferencePair(
+            *(
+                Example(side.input_ids[:max_seq_len], side.labels[:max_seq_len])
+                for side in (pair.chosen, pair.rejected)
+            )
+        )
+    out.append(pair)
+
+
 def _chunks(stream: list[int], max_seq_len: int) -> list[Example]:
     """Consecutive `max_seq_len` windows of the joined documents; a last window of one token
     has nothing to predict and is left out."""
@@ -314,7 +408,10 @@ def dataset_examples(
         known = {f.name for f in fields(DatasetStats)}
         stats = DatasetStats(**{k: v for k, v in record.items() if k in known})
         stats.cached = True
-        return [Example(i, lab) for i, lab in zip(input_ids, labels, strict=True)], stats
+        examples = [Example(i, lab) for i, lab in zip(input_ids, labels, strict=True)]
+        if stats.format == "preference":  # stored as chosen, rejected, chosen, …
+            examples = [PreferencePair(*examples[i : i + 2]) for i in range(0, len(examples), 2)]
+        return examples, stats
     source = read_dataset(spec, data.strict)
     pairs = [(row, source.format) for row in source.rows]
     examples, tokenized = tokenize_rows(
@@ -324,8 +421,15 @@ def dataset_examples(
     stats.add(replace(tokenized, rows=0))
     stats.examples, stats.tokens = tokenized.examples, tokenized.tokens
     stats.trained_tokens = tokenized.trained_tokens
-    cache.store(key, [e.input_ids for e in examples], [e.labels for e in examples], stats)
+    flat = [s for e in examples for s in _sides(e)]
+    cache.store(key, [e.input_ids for e in flat], [e.labels for e in flat], stats)
     return examples, stats
+
+
+def _sides(example: Example | PreferencePair) -> tuple[Example, ...]:
+    if isinstance(example, PreferencePair):
+        return (example.chosen, example.rejected)
+    return (example,)
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
@@ -351,6 +455,8 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepared
     for (_, stats), spec in zip(train_sets, data.train, strict=True):
         stats.weight = spec.weight
     val_sets = [tokenized(s) for s in data.validation or []]
+    for _, stats in train_sets + val_sets:
+        check_format_fits_method(stats.format, recipe.train.method, stats.path)
     rng = random.Random(recipe.train.seed)
     if data.val_split:
         train_sets, held_out = _hold_out(train_sets, data.val_split, rng)
@@ -414,7 +520,7 @@ def _split_stats(examples: list[Example], parts: list[DatasetStats]) -> SplitSta
     for part in parts:
         stats.add(part)
     stats.examples = len(examples)
-    stats.tokens = sum(len(e.input_ids) for e in examples)
+    stats.tokens = sum(e.token_count for e in examples)
     stats.trained_tokens = sum(e.trained_tokens for e in examples)
     return stats
 

@@ -43,6 +43,12 @@ class RunResult:
     best: tuple[Path, float] | None = None
     """The checkpoint with the lowest eval loss, and that loss."""
     resumed_from: list[str] = field(default_factory=list)
+    method: str = "sft"
+    trained_pairs: int = 0
+    """Preference tuning: the pairs trained on (SFT counts tokens)."""
+    pairs_per_second: float = 0.0
+    eval_accuracy: tuple[float, float] | None = None
+    """Preference tuning: held-out reward accuracy before and after training."""
 
 
 def printer(console: Console):
@@ -73,13 +79,7 @@ def model_table(recipe: Recipe, resolved: ResolvedModel, summary: ModelSummary) 
     table.add_row("base model", f"{resolved.reference} ({resolved.kind})")
     for name, value in summary.rows():
         table.add_row(name, value)
-    lora = recipe.lora
-    table.add_row(
-        "LoRA",
-        f"r={lora.r} alpha={lora.lora_alpha:g} dropout={lora.lora_dropout:g}"
-        + (" rslora" if lora.use_rslora else "")
-        + (" dora" if lora.use_dora else ""),
-    )
+    table.add_row("LoRA", summary.lora)
     tcfg = recipe.train
     table.add_row(
         "optimization",
@@ -121,17 +121,24 @@ def result_table(result: RunResult) -> Table:
         table.add_row("resumed from", ", ".join(result.resumed_from))
     table.add_row("final train loss", f"{result.train_loss:.4f}")
     if result.eval_before is not None and result.eval_after is not None:
-        table.add_row(
-            "eval loss",
-            f"{result.eval_before:.4f} → {result.eval_after:.4f} "
-            f"(perplexity {math.exp(result.eval_before):.2f} → {math.exp(result.eval_after):.2f})",
-        )
+        change = f"{result.eval_before:.4f} → {result.eval_after:.4f}"
+        if result.eval_accuracy is not None:
+            before, after = result.eval_accuracy
+            change += f" (reward accuracy {before:.2f} → {after:.2f})"
+        elif result.method == "sft":
+            ppl = f"{math.exp(result.eval_before):.2f} → {math.exp(result.eval_after):.2f}"
+            change += f" (perplexity {ppl})"
+        table.add_row("eval loss", change)
     if result.best is not None:
         table.add_row("best checkpoint", f"{result.best[0]} (eval loss {result.best[1]:.4f})")
     if result.skipped_steps:
         table.add_row("skipped steps", f"{result.skipped_steps} (NaN/inf loss or gradient)")
-    table.add_row("trained tokens", f"{result.trained_tokens:,}")
-    table.add_row("trained tokens/s", f"{result.trained_tokens_per_second:.1f}")
+    if result.method == "sft":
+        table.add_row("trained tokens", f"{result.trained_tokens:,}")
+        table.add_row("trained tokens/s", f"{result.trained_tokens_per_second:.1f}")
+    else:
+        table.add_row("trained pairs", f"{result.trained_pairs:,} ({result.method})")
+        table.add_row("pairs/s", f"{result.pairs_per_second:.2f}")
     table.add_row("wall time", f"{result.wall_seconds:.1f} s")
     table.add_row("adapter", str(result.adapter_dir))
     return table

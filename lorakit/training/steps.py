@@ -56,11 +56,11 @@ def forward_backward(
 ) -> tuple[float, int]:
     """Forward and backward over the micro-batches of one optimizer step.
 
-    The loss is normalized by the trained tokens of the whole step (all micro-batches, all
-    processes), so 1x16 and 8x2 give the same loss and the same gradients. Returns the step's
-    mean loss per trained token and its trained-token count.
+    The loss is normalized by the count of the whole step (all micro-batches, all processes):
+    trained tokens for SFT, pairs for preference tuning, so 1x16 and 8x2 give the same loss and
+    the same gradients. Returns the step's mean loss per token (or pair) and that count.
     """
-    local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    local = sum(batch_count(b) for b in micro_batches)
     step_tokens = int(accelerator.reduce(torch.tensor(local, device=accelerator.device)))
     # DDP averages gradients over processes, hence the world-size factor.
     scale = accelerator.num_processes / max(step_tokens, 1)
@@ -73,6 +73,13 @@ def forward_backward(
         step_nll += nll.detach()
     total_nll = accelerator.reduce(step_nll, reduction="sum").item()
     return total_nll / max(step_tokens, 1), step_tokens
+
+
+def batch_count(batch: dict[str, torch.Tensor]) -> int:
+    """What a micro-batch's loss is a sum over: its preference pairs, or its trained tokens."""
+    if "pairs" in batch:
+        return int(batch["pairs"])
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def clip_gradients(
