@@ -313,13 +313,16 @@ CONVERSATION = [
 ]
 
 
-def tokenize(tmp_path, rows, tokenizer, train_on="completions", max_seq_len=256):
+def tokenize(
+    tmp_path, rows, tokenizer, train_on="completions", max_seq_len=256, train_reasoning=True
+):
     """Rows written to a file and tokenized as training does: (examples, stats)."""
     from lorakit.data.pipeline import load_rows, tokenize_rows
     from lorakit.recipe import DatasetSpec
 
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
-    return tokenize_rows(load_rows([DatasetSpec(path=str(data))]), tokenizer, max_seq_len, train_on)
+    rows = load_rows([DatasetSpec(path=str(data))])
+    return tokenize_rows(rows, tokenizer, max_seq_len, train_on, train_reasoning=train_reasoning)
 
 
 def trained_spans(example, tokenizer) -> list[str]:
