@@ -158,6 +158,11 @@ class DataSection(_Section):
     train_on: Literal["completions", "all", "last_turn"] = "completions"
     """`completions`: the loss covers every assistant reply and the end-of-turn token closing it
     (prompts masked); `last_turn`: only the final reply; `all`: every token."""
+    train_reasoning: bool = True
+    """Train the reasoning of the replies that carry it (`reasoning_content`, or `<think>…</think>`
+    in the content) along with their answers: reasoning data is usually there to teach the model
+    to reason. `false`: the reasoning block, its tags included, carries no loss and the answer
+    after it does (traces for the model to answer from, not to imitate)."""
     chat_template: str | None = None
     """Override the model's chat template: a named one (`chatml`, `llama3`, `alpaca`) or a
     .jinja file. The template used is saved with the adapter."""

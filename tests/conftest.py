@@ -293,13 +293,16 @@ CONVERSATION = [
 ]
 
 
-def tokenize(tmp_path, rows, tokenizer, train_on="completions", max_seq_len=256):
+def tokenize(
+    tmp_path, rows, tokenizer, train_on="completions", max_seq_len=256, train_reasoning=True
+):
     """Rows written to a file and tokenized as training does: (examples, stats)."""
     from lorakit.data.pipeline import load_rows, tokenize_rows
     from lorakit.recipe import DatasetSpec
 
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
-    return tokenize_rows(load_rows([DatasetSpec(path=str(data))]), tokenizer, max_seq_len, train_on)
+    rows = load_rows([DatasetSpec(path=str(data))])
+    return tokenize_rows(rows, tokenizer, max_seq_len, train_on, train_reasoning=train_reasoning)
 
 
 def trained_spans(example, tokenizer) -> list[str]:
@@ -317,3 +320,104 @@ def trained_spans(example, tokenizer) -> list[str]:
     if current:
         spans.append(tokenizer.decode(current))
     return spans
+
+
+# --- real chat templates ---------------------------------------------------------------------
+
+CHAT_TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
+"""Real chat templates of model families, one .jinja file each (sources in the README there)."""
+
+_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>")
+FAMILY_TOKENS: dict[str, dict] = {
+    "llama-3.1": {
+        "special": (
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+            "<|eom_id|>",
+            "<|python_tag|>",
+        ),
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|eot_id|>",
+    },
+    # Qwen's tool and thinking tags are added tokens but not special ones, as in Qwen's own.
+    "qwen2.5": {
+        "special": _QWEN_SPECIALS,
+        "added": ("<tool_call>", "</tool_call>"),
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+    },
+    "qwen3": {
+        "special": _QWEN_SPECIALS,
+        "added": (
+            "<tool_call>",
+            "</tool_call>",
+            "<tool_response>",
+            "</tool_response>",
+            "<think>",
+            "</think>",
+        ),
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+    },
+    "gemma-2": {
+        "special": _GEMMA_SPECIALS,
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+    },
+    "gemma-3": {
+        "special": _GEMMA_SPECIALS,
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+    },
+    "mistral-v3": {
+        "special": (
+            "<s>",
+            "</s>",
+            "[INST]",
+            "[/INST]",
+            "[TOOL_CALLS]",
+            "[AVAILABLE_TOOLS]",
+            "[/AVAILABLE_TOOLS]",
+            "[TOOL_RESULTS]",
+            "[/TOOL_RESULTS]",
+        ),
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+    },
+    "phi-3.5": {
+        "special": ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    },
+}
+"""Each family's special tokens as its tokenizer declares them, and its template file name."""
+
+
+def family_tokenizer(family: str):
+    """A tiny byte-level BPE tokenizer with a family's special (and added) tokens and its real
+    chat template (`tests/fixtures/chat_templates/<family>.jinja`)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    spec = FAMILY_TOKENS[family]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=list(spec["special"]),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(CORPUS + [q + " " + a for q, a in FACTS], trainer)
+    roles = {k: v for k, v in spec.items() if k.endswith("_token")}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **roles)
+    tokenizer.add_tokens([AddedToken(t, special=False) for t in spec.get("added", ())])
+    tokenizer.chat_template = (CHAT_TEMPLATES / f"{family}.jinja").read_text(encoding="utf-8")
+    return tokenizer

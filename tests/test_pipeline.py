@@ -78,8 +78,7 @@ def test_bad_rows_are_skipped_and_counted_or_stop_with_strict(tmp_path, tiny_mod
     assert source.stats.skip_reasons == [
         f"{data}:2: messages[1] (assistant) has empty content",
         f"{data}:3: messages[0] needs a string 'content'",
-        f"{data}:4: messages[0] has role 'tool' (expected system, user, assistant, "
-        "or ShareGPT's human, gpt)",
+        f"{data}:4: messages[0] (tool) does not follow an assistant turn with tool calls",
         f"{data}:5: missing required field 'messages'",
     ]
     with pytest.raises(LorakitError, match=f"^{data}:2: messages\\[1\\] \\(assistant\\) has empty"):

@@ -74,8 +74,9 @@ def test_prepare_of_unusable_data_is_one_error(tmp_path, tiny_model, write_recip
     code, out, err = run("prepare", path)
     assert code == 2
     assert err.strip() == (
-        f"error: {data}:1: messages[0] has role 'bot' (expected system, user, assistant, or "
-        f"ShareGPT's human, gpt) (1 of 1 rows of {data} have a problem, none is left to train on)"
+        f"error: {data}:1: messages[0] has role 'bot' (expected system, user, assistant, tool, "
+        "or ShareGPT's human, gpt, function_call, observation) (1 of 1 rows of "
+        f"{data} have a problem, none is left to train on)"
     )
 
 

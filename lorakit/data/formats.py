@@ -14,6 +14,7 @@ that closes a reply belongs to the reply, so the model learns to stop.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,8 +34,10 @@ Segment = tuple[str, bool]
 IGNORE_INDEX = -100
 """The label of a token the loss skips (PyTorch's cross-entropy default)."""
 
-ROLES = ("system", "user", "assistant")
-# ShareGPT's speaker names (and a few common variants) for the three roles.
+ROLES = ("system", "user", "assistant", "tool")
+# Speaker names of ShareGPT and its variants for the four roles. LLaMA-Factory's ShareGPT
+# writes a tool call as its own turn (`function_call`, the call as JSON) and a tool's result as
+# `observation`; Llama 3.1 calls the tool role `ipython`, OpenAI's older API `function`.
 ROLE_ALIASES = {
     "system": "system",
     "user": "user",
@@ -42,7 +45,16 @@ ROLE_ALIASES = {
     "assistant": "assistant",
     "gpt": "assistant",
     "model": "assistant",
+    "function_call": "assistant",
+    "tool": "tool",
+    "ipython": "tool",
+    "observation": "tool",
+    "function": "tool",
 }
+MESSAGE_FIELDS = ("role", "content", "reasoning_content")
+"""Keys inside each message that `columns:` may rename."""
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+"""The names datasets give an assistant message's reasoning (transformers reads all three)."""
 
 NO_CHAT_TEMPLATE = (
     "chat data needs a tokenizer with a chat template; this model has none "
@@ -79,7 +91,7 @@ def rename_columns(data: dict[str, Any], columns: dict[str, str]) -> dict[str, A
     """The row with the recipe's `columns` applied: field name ← the file's column name."""
     renamed = dict(data)
     for field, column in columns.items():
-        if field in ("role", "content"):
+        if field in MESSAGE_FIELDS:
             continue  # keys inside messages, applied by normalize()
         if column in data:
             renamed[field] = data[column]
@@ -121,12 +133,25 @@ def normalize(data: dict[str, Any], fmt: str, columns: dict[str, str]) -> dict[s
 
 
 def _normalize_chat(field: _Fields) -> dict[str, Any]:
-    return {"messages": _messages(field.get("messages", list), "messages", field.columns)}
+    messages = _messages(field.get("messages", list), "messages", field.columns)
+    return _with_tools({"messages": messages}, field)
 
 
 def _normalize_sharegpt(field: _Fields) -> dict[str, Any]:
     name = "conversations"
-    return {"messages": _messages(field.get(name, list), name, field.columns)}
+    messages = _messages(field.get(name, list), name, field.columns)
+    system = field.optional_text("system")  # LLaMA-Factory's ShareGPT keeps it beside the turns
+    if system and messages[0]["role"] == "system":
+        raise RowProblem(f"both {field.label('system')} and a system turn in '{name}'")
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return _with_tools({"messages": messages}, field)
+
+
+def _with_tools(row: dict[str, Any], field: _Fields) -> dict[str, Any]:
+    """The row with its `tools` (the JSON schemas of the functions it may call), if any."""
+    tools = _tools(field.data.get("tools"), field.label("tools"))
+    return {**row, "tools": tools} if tools else row
 
 
 def _normalize_alpaca(field: _Fields) -> dict[str, Any]:
@@ -143,13 +168,16 @@ def _normalize_prompt_completion(field: _Fields) -> dict[str, Any]:
     if isinstance(prompt, str) and isinstance(completion, str):
         if not completion.strip():
             raise RowProblem(f"field {field.label('completion')} is empty")
+        if field.data.get("tools"):
+            raise RowProblem(f"field {field.label('tools')} needs message lists, not strings")
         return {"prompt": prompt, "completion": completion}
     if isinstance(prompt, list) and isinstance(completion, list):
         messages = _messages(prompt + completion, "prompt+completion", field.columns)
         completion_roles = {m["role"] for m in messages[len(messages) - len(completion) :]}
         if "assistant" not in completion_roles:
             raise RowProblem("the completion has no assistant message to learn from")
-        return {"messages": messages, "first_reply": len(messages) - len(completion)}
+        row = {"messages": messages, "first_reply": len(messages) - len(completion)}
+        return _with_tools(row, field)
     raise RowProblem("'prompt' and 'completion' must both be strings or both message lists")
 
 
@@ -258,32 +286,161 @@ class _Fields:
         return value or None
 
 
-def _messages(messages: list[Any], name: str, columns: dict[str, str]) -> list[dict[str, str]]:
+def _messages(messages: list[Any], name: str, columns: dict[str, str]) -> list[dict[str, Any]]:
+    """Checked messages: `role` and `content` always; an assistant's `tool_calls` and
+    `reasoning_content`, a tool result's `tool_call_id` and `name` when given. Templates test
+    for these keys (`'tool_calls' in message`), so a key is present only with a value."""
     if not messages:
         raise RowProblem(f"'{name}' is empty")
-    role_key, content_key = columns.get("role"), columns.get("content")
-    out = []
+    keys = {field: (columns.get(field), field) for field in MESSAGE_FIELDS}
+    out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
+        where = f"{name}[{i}]"
         if not isinstance(message, dict):
-            raise RowProblem(f"{name}[{i}] is not an object")
-        speaker = _first_present(message, (role_key, "role", "from"))
+            raise RowProblem(f"{where} is not an object")
+        speaker = _first_present(message, (*keys["role"], "from"))
         role = ROLE_ALIASES.get(speaker) if isinstance(speaker, str) else None
         if role is None:
             raise RowProblem(
-                f"{name}[{i}] has role {speaker!r} (expected {', '.join(ROLES)}, "
-                "or ShareGPT's human, gpt)"
+                f"{where} has role {speaker!r} (expected {', '.join(ROLES)}, "
+                "or ShareGPT's human, gpt, function_call, observation)"
             )
-        content = _first_present(message, (content_key, "content", "value"))
-        if not isinstance(content, str):
-            raise RowProblem(f"{name}[{i}] needs a string 'content'")
-        if not content.strip():
-            if role == "system":
-                continue  # an empty system prompt is the same as none
-            raise RowProblem(f"{name}[{i}] ({role}) has empty content")
-        out.append({"role": role, "content": content})
+        content = _first_present(message, (*keys["content"], "value"))
+        if speaker == "function_call":
+            calls = _calls(content, f"{where} (function_call)")
+            out.append({"role": "assistant", "content": "", "tool_calls": calls})
+        elif role == "tool":
+            out.append(_tool_result(message, content, where, out))
+        elif role == "assistant":
+            reasoning = _first_present(message, (keys["reasoning_content"][0], *REASONING_KEYS))
+            out.append(_assistant(message, content, reasoning, where))
+        else:
+            if message.get("tool_calls"):
+                raise RowProblem(f"{where} ({role}) has tool_calls: only replies call tools")
+            if not isinstance(content, str):
+                raise RowProblem(f"{where} needs a string 'content'")
+            if not content.strip():
+                if role == "system":
+                    continue  # an empty system prompt is the same as none
+                raise RowProblem(f"{where} ({role}) has empty content")
+            out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise RowProblem("no assistant message to learn from")
     return out
+
+
+def _assistant(message: dict[str, Any], content: Any, reasoning: Any, where: str) -> dict[str, Any]:
+    """A reply: text, tool calls or both (the text may be empty or missing with tool calls)."""
+    calls = message.get("tool_calls")
+    calls = _calls(calls, f"{where}.tool_calls") if calls else []
+    if content is None and calls:
+        content = ""
+    if not isinstance(content, str):
+        raise RowProblem(f"{where} needs a string 'content'")
+    if not content.strip() and not calls:
+        raise RowProblem(f"{where} (assistant) has empty content")
+    out: dict[str, Any] = {"role": "assistant", "content": content}
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise RowProblem(f"{where}: 'reasoning_content' must be a string")
+    if reasoning and reasoning.strip():
+        out["reasoning_content"] = reasoning
+    if calls:
+        out["tool_calls"] = calls
+    return out
+
+
+def _tool_result(
+    message: dict[str, Any], content: Any, where: str, before: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A tool's result: prompt text for the next reply (a JSON value is written as JSON)."""
+    if not before or not (before[-1].get("tool_calls") or before[-1]["role"] == "tool"):
+        raise RowProblem(f"{where} (tool) does not follow an assistant turn with tool calls")
+    if isinstance(content, dict | list):
+        content = json.dumps(content, ensure_ascii=False)
+    if not isinstance(content, str):
+        raise RowProblem(f"{where} (tool) needs a string 'content'")
+    out = {"role": "tool", "content": content}
+    for key in ("tool_call_id", "name"):
+        value = message.get(key)
+        if value is not None and not isinstance(value, str):
+            raise RowProblem(f"{where} (tool): '{key}' must be a string")
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """Tool calls in OpenAI's shape, `{"type": "function", "function": {"name", "arguments"}}`
+    (+ `id`). Also taken: a bare `{"name", "arguments"}`, and a JSON string of either or of a
+    list (LLaMA-Factory's `function_call` turn)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+    if isinstance(value, dict):
+        return [_call(value, where)]
+    if not isinstance(value, list) or not value:
+        raise RowProblem(f"{where} must be a tool call or a list of them (or JSON of either)")
+    return [_call(call, f"{where}[{k}]") for k, call in enumerate(value)]
+
+
+def _call(call: Any, where: str) -> dict[str, Any]:
+    function = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(function, dict) or call.get("type", "function") != "function":
+        raise RowProblem(
+            f'{where} must be a function call: {{"type": "function", "function": '
+            '{"name": ..., "arguments": {...}}}'
+        )
+    name = function.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise RowProblem(f"{where}: the tool call needs a function 'name'")
+    out: dict[str, Any] = {
+        "type": "function",
+        "function": {"name": name, "arguments": _arguments(function.get("arguments"), where)},
+    }
+    if call.get("id") is not None:
+        if not isinstance(call["id"], str):
+            raise RowProblem(f"{where}: the tool call's 'id' must be a string")
+        out["id"] = call["id"]
+    return out
+
+
+def _arguments(value: Any, where: str) -> dict[str, Any]:
+    """A call's arguments as an object: templates write them with `tojson`, so a JSON string
+    (OpenAI's spelling) is parsed, or it would be written as one quoted string. None: `{}`."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RowProblem(f"{where}: 'arguments' is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise RowProblem(f"{where}: 'arguments' must be a JSON object")
+    return value
+
+
+def _tools(value: Any, label: str) -> list[dict[str, Any]] | None:
+    """A row's tool schemas in OpenAI's shape (`{"type": "function", "function": {...}}`, the
+    shape transformers' `get_json_schema` writes); a bare function schema is wrapped into it,
+    a JSON string (LLaMA-Factory's ShareGPT) parsed. None or empty: no tools."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else None
+        except json.JSONDecodeError:
+            raise RowProblem(f"field {label} is not valid JSON") from None
+    if not value:
+        return None
+    if not isinstance(value, list):
+        raise RowProblem(f"field {label} must be a list of function schemas")
+    tools = []
+    for k, tool in enumerate(value):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RowProblem(f"field {label} item {k} must be a function schema with a 'name'")
+        tools.append(tool if "function" in tool else {"type": "function", "function": tool})
+    return tools
 
 
 def _first_present(message: dict[str, Any], keys: tuple[str | None, ...]) -> Any:
@@ -298,28 +455,50 @@ def alpaca_user_text(instruction: str, input_text: str | None) -> str:
 
 
 class Renderer:
-    """Normalized rows → segments for one tokenizer and `train_on` (the chat skeletons and the
-    BOS rule are worked out once, not per row)."""
+    """Normalized rows → segments for one tokenizer, `train_on` and `train_reasoning` (the chat
+    skeletons and the BOS rule are worked out once, not per row)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, train_on: str) -> None:
-        self.tokenizer, self.train_on = tokenizer, train_on
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, train_on: str, train_reasoning: bool = True
+    ) -> None:
+        self.tokenizer, self.train_on, self.train_reasoning = tokenizer, train_on, train_reasoning
         self.bos = bos_text(tokenizer)
         self.segmenter = ChatSegmenter(tokenizer) if tokenizer.chat_template else None
+        self.untrained_replies = 0
+        """Replies `train_on` asks for that the template renders differently once later turns
+        follow, so they stay context (see `lorakit.data.chat`)."""
 
     def segments(self, data: dict[str, Any], fmt: str) -> list[Segment] | Tokens | PairSegments:
         """A normalized row as text segments (or the row's own tokens, or a preference pair's
         two segment lists); raises RowProblem."""
         return FORMATS[fmt].render(self, data)
 
-    def conversation(self, data: dict[str, Any]) -> list[Segment]:
-        """Chat messages through the chat template, split at each reply."""
-        return chat_segments(
-            data["messages"],
-            self.tokenizer,
-            self.train_on,
-            data.get("first_reply", 0),
-            self.segmenter,
-        )
+    def conversation(self, data: dict[str, Any], train_on: str | None = None) -> list[Segment]:
+        """Chat messages (and tools) through the chat template, split at each reply; the
+        replies `train_on` (default: the recipe's) selects are trained, their reasoning only
+        with `train_reasoning`."""
+        if self.segmenter is None:
+            raise LorakitError(NO_CHAT_TEMPLATE)
+        train_on = train_on or self.train_on
+        messages = data["messages"]
+        pieces = self.segmenter.split(messages, data.get("tools"))
+        wanted = wanted_replies(messages, train_on, data.get("first_reply", 0))
+        kept = {reply for _, reply, _ in pieces if reply is not None}
+        if train_on != "all":
+            if not wanted & kept:
+                raise RowProblem(
+                    "no reply to learn from is rendered at its own turn as the whole "
+                    "conversation shows it (the chat template renders earlier turns differently "
+                    "once later ones follow): give each turn as its own row"
+                )
+            self.untrained_replies += len(wanted - kept)
+        return [
+            (text, train_on == "all" or self._trained(reply, thought, wanted))
+            for text, reply, thought in pieces
+        ]
+
+    def _trained(self, reply: int | None, thought: bool, wanted: set[int]) -> bool:
+        return reply in wanted and (self.train_reasoning or not thought)
 
     def alpaca(self, data: dict[str, Any]) -> list[Segment]:
         """The chat template when the tokenizer has one, else lorakit's plain prompt."""
@@ -346,12 +525,9 @@ class Renderer:
         first = len(data["prompt"])
         return PairSegments(
             *(
-                chat_segments(
-                    data["prompt"] + data[side],
-                    self.tokenizer,
-                    "completions",
-                    first,
-                    self.segmenter,
+                self.conversation(
+                    {"messages": data["prompt"] + data[side], "first_reply": first},
+                    train_on="completions",
                 )
                 for side in SIDES
             )
@@ -370,32 +546,20 @@ class Renderer:
 
 
 def render_segments(
-    data: dict[str, Any], fmt: str, tokenizer: PreTrainedTokenizerBase, train_on: str
-) -> list[Segment] | Tokens:
-    return Renderer(tokenizer, train_on).segments(data, fmt)
-
-
-def chat_segments(
-    messages: list[dict[str, str]],
+    data: dict[str, Any],
+    fmt: str,
     tokenizer: PreTrainedTokenizerBase,
     train_on: str,
-    first_reply: int = 0,
-    segmenter: ChatSegmenter | None = None,
-) -> list[Segment]:
-    """Split the rendered conversation at each reply; mark the replies `train_on` selects.
+    train_reasoning: bool = True,
+) -> list[Segment] | Tokens:
+    return Renderer(tokenizer, train_on, train_reasoning).segments(data, fmt)
 
-    `first_reply`: replies before this message index are context (a prompt/completion row whose
-    prompt holds earlier turns), never trained unless `train_on: all`."""
-    if tokenizer.chat_template is None:
-        raise LorakitError(NO_CHAT_TEMPLATE)
-    segmenter = segmenter or ChatSegmenter(tokenizer)
+
+def wanted_replies(messages: list[dict[str, Any]], train_on: str, first_reply: int = 0) -> set[int]:
+    """The assistant messages `train_on` trains. `first_reply`: replies before this message
+    index are context (a prompt/completion row whose prompt holds earlier turns)."""
     replies = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first_reply]
-    if train_on == "last_turn":
-        replies = replies[-1:]
-    trained = set(replies)
-    return [
-        (text, train_on == "all" or reply in trained) for text, reply in segmenter.split(messages)
-    ]
+    return set(replies[-1:] if train_on == "last_turn" else replies)
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
@@ -446,16 +610,16 @@ FORMATS: dict[str, DataFormat] = {
         DataFormat(
             "chat",
             ("messages",),
-            ("messages", "role", "content"),
-            "`messages`: OpenAI-style role/content turns",
+            ("messages", "tools", *MESSAGE_FIELDS),
+            "`messages`: OpenAI-style turns (+ `tools`, tool calls and results, reasoning)",
             _normalize_chat,
             Renderer.conversation,
         ),
         DataFormat(
             "sharegpt",
             ("conversations",),
-            ("conversations", "role", "content"),
-            "`conversations`: ShareGPT from/value turns",
+            ("conversations", "system", "tools", *MESSAGE_FIELDS),
+            "`conversations`: ShareGPT from/value turns (+ `system`, `tools`, tool turns)",
             _normalize_sharegpt,
             Renderer.conversation,
         ),
@@ -470,7 +634,7 @@ FORMATS: dict[str, DataFormat] = {
         DataFormat(
             "prompt_completion",
             ("prompt", "completion"),
-            ("prompt", "completion", "role", "content"),
+            ("prompt", "completion", "tools", *MESSAGE_FIELDS),
             "`prompt` and `completion`: strings, or message lists",
             _normalize_prompt_completion,
             Renderer.prompt_completion,

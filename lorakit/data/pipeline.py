@@ -108,11 +108,21 @@ class DatasetStats:
     """Examples with no trained token left after truncation."""
     masked_eos_rows: int = 0
     """Pre-tokenized rows whose labels mask the EOS that ends a trained span."""
+    untrained_replies: int = 0
+    """Chat replies left as context: the template renders them differently once later turns
+    follow (Qwen3 drops earlier turns' reasoning), see `lorakit.data.chat`."""
     weight: float = 1.0
     cached: bool = False
 
     def add(self, other: DatasetStats) -> None:
-        for name in ("rows", "skipped", "truncated", "dropped", "masked_eos_rows"):
+        for name in (
+            "rows",
+            "skipped",
+            "truncated",
+            "dropped",
+            "masked_eos_rows",
+            "untrained_replies",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.skip_reasons = (self.skip_reasons + other.skip_reasons)[:REASONS_KEPT]
 
@@ -270,11 +280,12 @@ def tokenize_rows(
     max_seq_len: int,
     train_on: str,
     strict: bool = False,
+    train_reasoning: bool = True,
 ) -> tuple[list[Example], DatasetStats]:
     """Tokenize and mask normalized rows, then fit them to `max_seq_len`: longer examples are
     truncated, `text` documents are joined (each closed by EOS) and cut into chunks."""
     stats = DatasetStats(rows=len(rows))
-    renderer = Renderer(tokenizer, train_on)
+    renderer = Renderer(tokenizer, train_on, train_reasoning)
     rendered: list[tuple[Any, str, str]] = []
     for row, fmt in rows:
         try:
@@ -307,6 +318,7 @@ def tokenize_rows(
         else:
             _fit(example, max_seq_len, examples, stats)
     examples += _chunks(stream, max_seq_len)
+    stats.untrained_replies = renderer.untrained_replies
     if rows and not rendered:
         _nothing_left(stats)
     stats.examples = len(examples)
@@ -399,6 +411,7 @@ def dataset_examples(
         spec=spec.model_dump(mode="json", exclude={"weight"}),
         max_seq_len=data.max_seq_len,
         train_on=data.train_on,
+        train_reasoning=data.train_reasoning,
         strict=data.strict,
         tokenizer=tokenizer_fingerprint,
     )
@@ -415,7 +428,7 @@ def dataset_examples(
     source = read_dataset(spec, data.strict)
     pairs = [(row, source.format) for row in source.rows]
     examples, tokenized = tokenize_rows(
-        pairs, tokenizer, data.max_seq_len, data.train_on, data.strict
+        pairs, tokenizer, data.max_seq_len, data.train_on, data.strict, data.train_reasoning
     )
     stats = source.stats
     stats.add(replace(tokenized, rows=0))
@@ -549,6 +562,15 @@ def data_warnings(tokenizer: PreTrainedTokenizerBase, *splits: SplitStats) -> li
                         ]
                     )
                 )
+            if part.untrained_replies:
+                notes.append(
+                    f"{part.path}: {part.untrained_replies} assistant replies are context, not "
+                    "trained: the chat template renders them differently once later turns follow "
+                    "(e.g. Qwen3 drops the reasoning of turns before the last user message), so "
+                    "the whole conversation no longer shows them as they were generated; to train "
+                    "every turn, give each as its own row (prompt: the turns before it, "
+                    "completion: the reply)"
+                )
             if part.masked_eos_rows:
                 same = tokenizer.pad_token_id == tokenizer.eos_token_id
                 notes.append(
@@ -575,7 +597,7 @@ def reply_closing(tokenizer: PreTrainedTokenizerBase) -> str | None:
         segments = split_by_prefixes(tokenizer, messages)
     except RowProblem:
         return None
-    text = next((text for text, index in segments if index == 1), "")
+    text = "".join(text for text, index, _ in segments if index == 1)
     return text.split(reply, 1)[-1]
 
 
