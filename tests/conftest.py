@@ -191,6 +191,45 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path
     return make
 
 
+FAMILY_TEMPLATES = {
+    "llama3": "llama-3.1",
+    "mistral": "mistral-v3",
+    "qwen2.5": "qwen2.5",
+    "qwen3": "qwen3",
+    "gemma2": "gemma-2",
+    "gemma3": "gemma-3",
+    "phi3": "phi-3.5",
+}
+"""The real chat template (tests/fixtures/chat_templates/) each family's model ships with."""
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`family_model(family)` → the tiny model of `tiny_model(family)` with the family's own
+    special tokens and real chat template (GPT-2: no template)."""
+    from transformers import AutoModelForCausalLM
+
+    built: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in built:
+            template = FAMILY_TEMPLATES.get(family)
+            tokenizer = family_tokenizer(template) if template else build_tokenizer(chat=False)
+            torch.manual_seed(0)
+            config = build_config(family, len(tokenizer))
+            config.pad_token_id = tokenizer.pad_token_id
+            config.eos_token_id = tokenizer.eos_token_id
+            config.bos_token_id = tokenizer.bos_token_id
+            model = AutoModelForCausalLM.from_config(config)
+            folder = tmp_path_factory.mktemp(f"family-{family}")
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            built[family] = folder
+        return built[family]
+
+    return make
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

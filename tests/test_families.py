@@ -1,6 +1,7 @@
 """The family matrix: for each model family people bring (tiny random models built from the
 family's own transformers classes, configs shaped like the real ones: `conftest.build_config`),
-the whole QLoRA path holds.
+each with its own special tokens and real chat template (`conftest.family_model`), the whole
+QLoRA path holds.
 
 Per family: 4-bit training memorizes a batch; the fused LoRA path equals PEFT's; packing equals
 unpacked; the shared prompt prefix is on (and exact) or off with the reason; merge verify
@@ -28,7 +29,7 @@ from lorakit.loss import TokenNLL
 from lorakit.peft_setup import build_trainable_model
 from lorakit.recipe import load_recipe
 from lorakit.training.signals import TrainingStopped
-from tests.conftest import FAMILIES, FP32
+from tests.conftest import CHAT_TEMPLATES, FAMILIES, FAMILY_TEMPLATES, FP32
 from tests.test_fast_lora import plain_peft
 from tests.test_packing import _examples as packable_examples
 from tests.test_shared_prefix import chat_examples
@@ -44,6 +45,9 @@ MEMORIZE = {
     "warmup_steps": 0,
     "optimizer": "adamw_torch",
 }
+LONG = {"max_seq_len": 256}
+"""Room for the real templates' default system prompts (Llama 3.1's dates, Qwen2.5's "You are
+Qwen…"), which a tiny 400-token vocabulary spells in many tokens."""
 SHARED_PREFIX = {
     "llama3": "on",
     "mistral": "on",  # its sliding window (4096) is longer than max_seq_len
@@ -59,13 +63,17 @@ SHARED_PREFIX = {
 pytestmark = pytest.mark.parametrize("family", FAMILIES)
 
 
+def tokenizer_template(family: str) -> str:
+    return (CHAT_TEMPLATES / f"{FAMILY_TEMPLATES[family]}.jinja").read_text(encoding="utf-8")
+
+
 def data_kind(family: str) -> str:
     """GPT-2 has no chat template: it learns alpaca rows through the plain prompt."""
     return "alpaca" if family == "gpt2" else "chat"
 
 
 @pytest.fixture(scope="module")
-def trained_runs(tiny_model, tmp_path_factory):
+def trained_runs(family_model, tmp_path_factory):
     """One 4-bit (fp32 compute) run per family, trained once for the module."""
     from tests.conftest import recipe_file
 
@@ -76,10 +84,11 @@ def trained_runs(tiny_model, tmp_path_factory):
             folder = tmp_path_factory.mktemp(f"run-{family}")
             path = recipe_file(
                 folder,
-                tiny_model(family),
+                family_model(family),
                 "memorize",
                 data_kind(family),
                 quant=FP32,
+                data=LONG,
                 train=MEMORIZE,
             )
             runs[family] = train(load_recipe(path), console=QUIET)
@@ -94,10 +103,11 @@ def test_4bit_training_memorizes_a_batch(family, trained_runs):
     assert result.eval_after < 0.5 * result.eval_before, (result.eval_before, result.eval_after)
 
 
-def test_the_fused_lora_path_equals_peft(family, tiny_model, write_recipe):
-    """Every LoRA weight gets PEFT's gradient through lorakit's fused dropout-free path (GPT-2's
-    Conv1D layers keep PEFT's own forward)."""
-    recipe = load_recipe(write_recipe(tiny_model(family), data_kind=data_kind(family), quant=FP32))
+def test_the_fused_lora_path_equals_peft(family, family_model, write_recipe):
+    """Every LoRA weight gets PEFT's gradient through lorakit's fused dropout-free path."""
+    recipe = load_recipe(
+        write_recipe(family_model(family), data_kind=data_kind(family), quant=FP32)
+    )
     results = []
     for fast in (True, False):
         torch.manual_seed(0)
@@ -120,9 +130,9 @@ def test_the_fused_lora_path_equals_peft(family, tiny_model, write_recipe):
         assert torch.allclose(grad, peft_grads[name], atol=1e-6, rtol=1e-4), name
 
 
-def test_packed_loss_and_gradients_equal_unpacked(family, tiny_model):
+def test_packed_loss_and_gradients_equal_unpacked(family, family_model):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model(family), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(family_model(family), dtype=torch.float32)
     examples = packable_examples(model.config.vocab_size)
     packed = [Example(*row) for row in pack_examples(examples, capacity=16)]
     assert len(packed) < len(examples)
@@ -139,8 +149,10 @@ def test_packed_loss_and_gradients_equal_unpacked(family, tiny_model):
     assert torch.allclose(packed_grad, unpacked_grad, rtol=1e-4, atol=1e-4)
 
 
-def test_shared_prefix_is_on_and_exact_or_off_with_the_reason(family, tiny_model, write_recipe):
-    recipe = load_recipe(write_recipe(tiny_model(family), data_kind=data_kind(family), quant=FP32))
+def test_shared_prefix_is_on_and_exact_or_off_with_the_reason(family, family_model, write_recipe):
+    recipe = load_recipe(
+        write_recipe(family_model(family), data_kind=data_kind(family), quant=FP32)
+    )
     torch.manual_seed(0)
     model, summary = build_trainable_model(recipe, recipe.model.name_or_path, torch.device("cpu"))
     assert summary.shared_prefix == SHARED_PREFIX[family]
@@ -180,21 +192,22 @@ def test_eval_and_generate_run_on_the_adapter(family, trained_runs, tmp_path):
     assert scores["loss"] == pytest.approx(result.eval_after, abs=1e-4)
     loaded = load_target(resolve_target(str(result.run_dir)), torch.device("cpu"))
     template = loaded.tokenizer.chat_template
-    assert (template is None) == (family == "gpt2")
+    assert template == (None if family == "gpt2" else tokenizer_template(family))
     (answer,) = answer_prompts(loaded, ["What is the secret word?"], max_new_tokens=12)
     assert answer.strip()
 
 
-def test_resume_is_exact(family, tiny_model, write_recipe, monkeypatch):
+def test_resume_is_exact(family, family_model, write_recipe, monkeypatch):
     sections = dict(
         quant=FP32,
+        data=LONG,
         train={**MEMORIZE, "max_steps": 4, "save_steps": 2, "gradient_accumulation_steps": 1},
     )
     kind = data_kind(family)
     whole = train(
-        load_recipe(write_recipe(tiny_model(family), "whole", kind, **sections)), console=QUIET
+        load_recipe(write_recipe(family_model(family), "whole", kind, **sections)), console=QUIET
     )
-    pieces = load_recipe(write_recipe(tiny_model(family), "pieces", kind, **sections))
+    pieces = load_recipe(write_recipe(family_model(family), "pieces", kind, **sections))
     stop_with_signal_at_step(monkeypatch, 2)
     with pytest.raises(TrainingStopped):
         train(pieces, console=QUIET)
