@@ -255,7 +255,8 @@ def eval_command(
     metrics: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated: loss, perplexity, exact_match, contains, regex, chrf. "
+            help="Comma-separated: loss, perplexity, exact_match, contains, regex, chrf, "
+            "preference_accuracy (preference pairs). "
             "Default: loss,perplexity (+ exact_match,contains,chrf for prompt/answer rows).",
             show_default=False,
         ),

@@ -17,7 +17,10 @@ from lorakit.errors import LorakitError
 
 LOSS_METRICS = ("loss", "perplexity")
 GENERATION_METRICS = ("exact_match", "contains", "regex", "chrf")
-METRICS = LOSS_METRICS + GENERATION_METRICS
+PREFERENCE_METRICS = ("preference_accuracy",)
+"""On preference rows: the share of pairs whose chosen answer gets the higher mean log-prob per
+token (length-normalized, so a shorter answer is not preferred for its length alone)."""
+METRICS = LOSS_METRICS + GENERATION_METRICS + PREFERENCE_METRICS
 NORMALIZERS = ("strip", "lowercase", "whitespace", "punctuation")
 
 CHRF_CHAR_ORDER = 6

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lorakit.data import IGNORE_INDEX
+from lorakit.data.batching import collate_pairs
 from lorakit.loss import causal_lm_of, chunk_positions
 from lorakit.shared_prefix import SharedPrefixLayout, backbone_forward
 
@@ -590,3 +591,25 @@ class PreferenceObjective(nn.Module):
         values = dict(zip(names, totals.tolist(), strict=True))
         pairs = values.pop("pairs")
         return {name: value / max(pairs, 1.0) for name, value in values.items()}
+
+
+@torch.no_grad()
+def preference_accuracy(
+    model: nn.Module,
+    pairs: list,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+) -> float:
+    """The share of pairs whose chosen answer the model gives the higher mean log-prob per
+    answer token (length-normalized: a short answer is not preferred for being short)."""
+    model.eval()
+    wins = 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        batch = collate_pairs(chunk, pad_id)
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+        means = pair_log_probs(model, **inputs)[0].means
+        chosen, rejected = means.chunk(2)
+        wins += int((chosen > rejected).sum())
+    return wins / len(pairs)

@@ -134,7 +134,8 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 
 
 def plot_losses(run_dir: Path) -> Path:
-    """Training loss, eval loss and learning rate against the optimizer step."""
+    """Training loss, eval loss and learning rate against the optimizer step; for preference
+    tuning, a second panel with the reward accuracy and margin (train and eval)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,7 +144,11 @@ def plot_losses(run_dir: Path) -> Path:
     records = read_metrics(run_dir)
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
-    figure, loss_axis = plt.subplots(figsize=(7, 4), dpi=110)
+    preference = any("rewards/accuracies" in r for r in steps)
+    figure, axes = plt.subplots(
+        2 if preference else 1, 1, figsize=(7, 7 if preference else 4), dpi=110, squeeze=False
+    )
+    loss_axis = axes[0][0]
     loss_axis.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train loss")
     if evals:
         loss_axis.plot(
@@ -155,13 +160,38 @@ def plot_losses(run_dir: Path) -> Path:
             loss_axis.axvline(step, color="red", alpha=0.3, linewidth=1)
         loss_axis.plot([], [], color="red", alpha=0.3, label="skipped step (NaN/inf)")
     loss_axis.set_xlabel("optimizer step")
-    loss_axis.set_ylabel("loss (nats/token)")
+    loss_axis.set_ylabel("loss (per pair)" if preference else "loss (nats/token)")
     lr_axis = loss_axis.twinx()
     lr_axis.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="grey", alpha=0.4)
     lr_axis.set_ylabel("learning rate", color="grey")
     loss_axis.legend(loc="upper right")
+    if preference:
+        _plot_rewards(axes[1][0], steps, evals)
     figure.tight_layout()
     target = run_dir / PLOT_FILE
     figure.savefig(target)
     plt.close(figure)
     return target
+
+
+def _plot_rewards(axis: Any, steps: list[dict], evals: list[dict]) -> None:
+    """Reward accuracy (left axis) and reward margin (right axis), train and held out."""
+    accuracy, margin = "rewards/accuracies", "rewards/margins"
+    axis.plot([r["step"] for r in steps], [r[accuracy] for r in steps], label="train accuracy")
+    held = [r for r in evals if f"eval_{accuracy}" in r]
+    if held:
+        axis.plot(
+            [r["step"] for r in held],
+            [r[f"eval_{accuracy}"] for r in held],
+            "o-",
+            label="eval accuracy",
+        )
+    axis.set_ylim(-0.05, 1.05)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("reward accuracy")
+    margin_axis = axis.twinx()
+    margin_axis.plot(
+        [r["step"] for r in steps], [r[margin] for r in steps], color="grey", alpha=0.5
+    )
+    margin_axis.set_ylabel("reward margin", color="grey")
+    axis.legend(loc="lower right")

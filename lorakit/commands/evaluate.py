@@ -33,7 +33,13 @@ from lorakit.decoding import greedy_continuations
 from lorakit.errors import LorakitError
 from lorakit.files import atomic_write_text, check_writable
 from lorakit.loss import TokenNLL, evaluate_loss_and_tokens, perplexity
-from lorakit.metrics import GENERATION_METRICS, LOSS_METRICS, score_generations
+from lorakit.metrics import (
+    GENERATION_METRICS,
+    LOSS_METRICS,
+    PREFERENCE_METRICS,
+    score_generations,
+)
+from lorakit.preference import preference_accuracy
 from lorakit.recipe import DataSection, DatasetSpec
 
 PROMPT_FORMATS = ("chat", "alpaca")
@@ -215,6 +221,13 @@ def evaluate_target(
             result.scores["loss"] = loss
         if "perplexity" in options.metrics:
             result.scores["perplexity"] = perplexity(loss)
+    if "preference_accuracy" in options.metrics:
+        max_seq_len, _ = data_settings(options, target.data_settings)
+        pairs, stats = tokenize_rows([(r.row, r.fmt) for r in rows], tokenizer, max_seq_len, "")
+        result.scores["preference_accuracy"] = preference_accuracy(
+            model, pairs, options.batch_size, tokenizer.pad_token_id, accelerator.device
+        )
+        result.truncated = stats.truncated
     if options.wants_generation:
         prompts = prompt_token_ids(rows, tokenizer)
         new = greedy_continuations(
@@ -246,8 +259,27 @@ def load_eval_rows(paths: Sequence[str], fmt: str, limit: int | None) -> list[Ev
     return rows[:limit] if limit else rows
 
 
+def check_metrics_fit_rows(metrics: list[str], rows: Sequence[EvalRow]) -> None:
+    """Preference rows are scored by preference accuracy only, and only they are."""
+    pairs = [item for item in rows if item.fmt == "preference"]
+    if pairs and (others := [m for m in metrics if m not in PREFERENCE_METRICS]):
+        raise LorakitError(
+            f"--metrics {others[0]}: {pairs[0].row.where} is a preference pair; pairs are "
+            "scored with --metrics preference_accuracy"
+        )
+    if "preference_accuracy" in metrics and len(pairs) < len(rows):
+        other = next(item for item in rows if item.fmt != "preference")
+        raise LorakitError(
+            f"--metrics preference_accuracy: {other.row.where} is {other.fmt} data, not a "
+            "preference pair (prompt, chosen, rejected)"
+        )
+
+
 def default_metrics(rows: Sequence[EvalRow]) -> list[str]:
-    """Loss and perplexity always; the generation metrics when every row has a reference."""
+    """Loss and perplexity always; the generation metrics when every row has a reference;
+    preference accuracy on preference rows."""
+    if rows and all(item.fmt == "preference" for item in rows):
+        return list(PREFERENCE_METRICS)
     if rows and all(item.fmt in PROMPT_FORMATS for item in rows):
         return [*LOSS_METRICS, "exact_match", "contains", "chrf"]
     return list(LOSS_METRICS)
@@ -275,6 +307,7 @@ def run_eval(
     if not options.metrics:
         chosen = default_metrics(rows) + (["regex"] if options.pattern else [])
         options = replace(options, metrics=chosen)
+    check_metrics_fit_rows(options.metrics, rows)
     if options.wants_generation:
         for item in rows:
             _ = item.reference  # a row without a reference answer fails here, before any model

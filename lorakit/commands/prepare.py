@@ -18,6 +18,7 @@ from lorakit.data.packing import split_packed
 from lorakit.data.pipeline import (
     IGNORE_INDEX,
     Example,
+    PreferencePair,
     PreparedData,
     SplitStats,
     pad_note,
@@ -64,14 +65,16 @@ def report(
     note = pad_note(tokenizer)
     for line in ([note] if note else []) + [f"warning: {w}" for w in data.warnings]:
         console.print(escape(line), highlight=False)
+    colors = console.color_system is not None
     for number, example in enumerate(train[:preview], start=1):
+        if isinstance(example, PreferencePair):
+            show_pair(console, number, example, tokenizer, colors)
+            continue
         console.print(
             f"\n[bold]example {number}[/bold]: {len(example.input_ids)} tokens, "
             f"{example.trained_tokens} trained"
         )
-        console.print(
-            highlight_example(example, tokenizer, colors=console.color_system is not None)
-        )
+        console.print(highlight_example(example, tokenizer, colors=colors))
     if preview:
         legend = (
             "[bold green]trained[/bold green] / [dim]masked[/dim]"
@@ -131,11 +134,28 @@ def _split_cells(stats: SplitStats, max_seq_len: int) -> list[str]:
     ]
 
 
-def example_spans(rows: list[Example]) -> list[Example]:
+def show_pair(
+    console: Console,
+    number: int,
+    pair: PreferencePair,
+    tokenizer: PreTrainedTokenizerBase,
+    colors: bool,
+) -> None:
+    """The prompt once, then each answer with its trained tokens highlighted."""
+    prompt = pair.prompt_length
+    console.print(f"\n[bold]pair {number}[/bold]: prompt of {prompt} tokens")
+    console.print(tokenizer.decode(pair.chosen.input_ids[:prompt]), style="dim", highlight=False)
+    for side, example in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        own = Example(example.input_ids[prompt:], example.labels[prompt:])
+        console.print(f"[bold]{side}[/bold]: {example.trained_tokens} trained tokens")
+        console.print(highlight_example(own, tokenizer, colors=colors, first_trained=True))
+
+
+def example_spans(rows: list[Example | PreferencePair]) -> list[Example | PreferencePair]:
     """The examples inside (possibly packed) rows, in order."""
     out = []
     for row in rows:
-        if row.position_ids is None:
+        if isinstance(row, PreferencePair) or row.position_ids is None:
             out.append(row)
             continue
         for start, end in split_packed(row.position_ids):
@@ -153,7 +173,7 @@ def length_histogram(lengths: list[int], max_seq_len: int) -> list[tuple[int, in
 
 
 def histogram_text(examples: list[Example], max_seq_len: int) -> str:
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = [e.length for e in examples]
     if not lengths:
         return ""
     bins = length_histogram(lengths, max_seq_len)
@@ -169,13 +189,18 @@ def histogram_text(examples: list[Example], max_seq_len: int) -> str:
 
 
 def highlight_example(
-    example: Example, tokenizer: PreTrainedTokenizerBase, colors: bool = True
+    example: Example,
+    tokenizer: PreTrainedTokenizerBase,
+    colors: bool = True,
+    first_trained: bool = False,
 ) -> Text:
     """The example's text, trained tokens in green (or between ⟦ ⟧), masked ones dimmed.
 
-    The first token counts as masked: no token precedes it, so it is never predicted."""
+    The first token counts as masked (no token precedes it, so it is never predicted), unless
+    `first_trained`: a part cut out after a prompt, whose first token the prompt predicts."""
     text = Text()
-    trained_flags = [False] + [label != IGNORE_INDEX for label in example.labels[1:]]
+    first = first_trained and bool(example.labels) and example.labels[0] != IGNORE_INDEX
+    trained_flags = [first] + [label != IGNORE_INDEX for label in example.labels[1:]]
     start = 0
     for end in range(1, len(trained_flags) + 1):
         if end < len(trained_flags) and trained_flags[end] == trained_flags[start]:
