@@ -532,6 +532,8 @@ def _split_stats(examples: list[Example], parts: list[DatasetStats]) -> SplitSta
     stats = SplitStats(datasets=parts)
     for part in parts:
         stats.add(part)
+    formats = {part.format for part in parts if part.format}
+    stats.format = formats.pop() if len(formats) == 1 else ""
     stats.examples = len(examples)
     stats.tokens = sum(e.token_count for e in examples)
     stats.trained_tokens = sum(e.trained_tokens for e in examples)

@@ -97,11 +97,12 @@ def data_line(data: PreparedData) -> str:
         if t.packed_rows
         else ""
     )
+    unit = "pairs" if t.format == "preference" else "examples"
     return "\n".join(
         [
-            f"data: {t.examples} train examples ({t.tokens} tokens, {t.trained_tokens} trained, "
+            f"data: {t.examples} train {unit} ({t.tokens} tokens, {t.trained_tokens} trained, "
             f"{t.truncated} truncated, {t.dropped} dropped, {t.skipped} rows skipped){packed}, "
-            f"{v.examples} validation examples",
+            f"{v.examples} validation {unit}",
             *(f"warning: {escape(note)}" for note in data.warnings),
         ]
     )
