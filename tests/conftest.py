@@ -166,26 +166,32 @@ def build_config(arch: str, vocab_size: int):
     raise ValueError(arch)
 
 
+def save_tiny_model(arch: str, tokenizer, folder: Path, bos: bool = False) -> Path:
+    """A random tiny model of `arch` (seeded) and `tokenizer`, saved in `folder`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = build_config(arch, len(tokenizer))
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    if bos:
+        config.bos_token_id = tokenizer.bos_token_id
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """`tiny_model("llama" | "qwen2" | "gpt2" | one of FAMILIES)` → a saved model folder with
     its tokenizer (ChatML template; GPT-2 has none)."""
-    from transformers import AutoModelForCausalLM
 
     built: dict[str, Path] = {}
 
     def make(arch: str = "llama") -> Path:
         if arch not in built:
             tokenizer = build_tokenizer(chat=arch != "gpt2")
-            torch.manual_seed(0)
-            config = build_config(arch, len(tokenizer))
-            config.pad_token_id = tokenizer.pad_token_id
-            config.eos_token_id = tokenizer.eos_token_id
-            model = AutoModelForCausalLM.from_config(config)
-            folder = tmp_path_factory.mktemp(f"tiny-{arch}")
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            built[arch] = folder
+            built[arch] = save_tiny_model(arch, tokenizer, tmp_path_factory.mktemp(f"tiny-{arch}"))
         return built[arch]
 
     return make
@@ -207,7 +213,6 @@ FAMILY_TEMPLATES = {
 def family_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """`family_model(family)` → the tiny model of `tiny_model(family)` with the family's own
     special tokens and real chat template (GPT-2: no template)."""
-    from transformers import AutoModelForCausalLM
 
     built: dict[str, Path] = {}
 
@@ -215,16 +220,8 @@ def family_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pa
         if family not in built:
             template = FAMILY_TEMPLATES.get(family)
             tokenizer = family_tokenizer(template) if template else build_tokenizer(chat=False)
-            torch.manual_seed(0)
-            config = build_config(family, len(tokenizer))
-            config.pad_token_id = tokenizer.pad_token_id
-            config.eos_token_id = tokenizer.eos_token_id
-            config.bos_token_id = tokenizer.bos_token_id
-            model = AutoModelForCausalLM.from_config(config)
             folder = tmp_path_factory.mktemp(f"family-{family}")
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            built[family] = folder
+            built[family] = save_tiny_model(family, tokenizer, folder, bos=True)
         return built[family]
 
     return make
@@ -460,3 +457,35 @@ def family_tokenizer(family: str):
     tokenizer.add_tokens([AddedToken(t, special=False) for t in spec.get("added", ())])
     tokenizer.chat_template = (CHAT_TEMPLATES / f"{family}.jinja").read_text(encoding="utf-8")
     return tokenizer
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    """`lorakit ARGS` in-process: (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def one_error_line(stderr: str) -> str:
+    """The single `error:` line a bad input must produce."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def facts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The facts as chat rows, in a file."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "facts.jsonl", fact_rows("chat"))
+
+
+@pytest.fixture(scope="session")
+def alpaca_facts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The facts as alpaca rows, in a file."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "alpaca.jsonl", fact_rows("alpaca"))

@@ -7,37 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from lorakit.cli import app
 from lorakit.quantization.bnb import (
     paper_bits_per_parameter,
     quantize_model,
     reconstruction_error,
     stored_tensor_bytes,
 )
-from tests.conftest import fact_rows, write_jsonl
-
-
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def one_error_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def facts(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "facts.jsonl", fact_rows("chat"))
-
-
-@pytest.fixture(scope="module")
-def alpaca_facts(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "alpaca.jsonl", fact_rows("alpaca"))
+from tests.conftest import one_error_line
+from tests.conftest import run_cli as run
 
 
 def load_4bit_like_transformers(folder: Path, method: str, double_quant: bool):

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from lorakit.cli import app
 from lorakit.errors import LorakitError
 from lorakit.isolated import call_isolated
 from lorakit.quantization.gguf import export_gguf, verify_gguf
 from lorakit.quantization.gguf_families import GGUF_FAMILIES
+from tests.conftest import one_error_line
+from tests.conftest import run_cli as run
 
 
 @pytest.fixture(autouse=True)
@@ -23,17 +23,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def one_error_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    return lines[0]
 
 
 def test_unsupported_architecture_for_gguf_is_refused(tmp_path, tiny_model):

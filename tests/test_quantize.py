@@ -4,29 +4,12 @@ quantized models, wrong options and existing output."""
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from lorakit.cli import app
 from lorakit.quantization.bnb import (
     quantize_model,
 )
-from tests.conftest import fact_rows, write_jsonl
-
-
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def one_error_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def facts(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "facts.jsonl", fact_rows("chat"))
+from tests.conftest import one_error_line
+from tests.conftest import run_cli as run
 
 
 def test_cli_prints_the_report(tmp_path, tiny_model, facts):
