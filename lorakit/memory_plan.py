@@ -66,6 +66,11 @@ CPU_RUNTIME_BYTES = 445 * MiB
 """Resident memory of a Python process after `import lorakit.train` (torch 2.13 CPU,
 transformers 5.24, peft, bitsandbytes, accelerate): 443-447 MiB measured on the 2-core Xeon
 these numbers were calibrated on (`benchmarks/plan_accuracy.py` prints it again)."""
+CPU_RUN_STATE_BYTES = 15 * MiB
+"""What a run holds besides the libraries, the tokenizer and the model's tensors by its first
+step (Accelerate, the data loader, the tokenized data): the resident memory at the loop's start
+in `benchmarks/plan_accuracy.py`'s runs minus those, -2 to 25 MiB over ten settings, median
+15."""
 TOKENIZER_BYTES_PER_TOKEN = 880
 """Resident memory of a loaded fast tokenizer per vocabulary entry: SmolLM2's (49,152 entries)
 added 42 MiB. One measured point, scaled linearly for other vocabularies."""
@@ -102,6 +107,7 @@ PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
         rope_theta=500000.0,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
+        dtype="bfloat16",
     ),
     # https://huggingface.co/Qwen/Qwen2.5-7B-Instruct/blob/main/config.json
     "Qwen/Qwen2.5-7B-Instruct": dict(
@@ -116,6 +122,7 @@ PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
         rope_theta=1000000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
+        dtype="bfloat16",
     ),
     # https://huggingface.co/mistralai/Mistral-7B-Instruct-v0.3/blob/main/config.json
     "mistralai/Mistral-7B-Instruct-v0.3": dict(
@@ -131,6 +138,7 @@ PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-5,
         sliding_window=None,
         tie_word_embeddings=False,
+        dtype="bfloat16",
     ),
     # https://huggingface.co/meta-llama/Meta-Llama-3-70B-Instruct/blob/main/config.json
     "meta-llama/Meta-Llama-3-70B-Instruct": dict(
@@ -145,6 +153,7 @@ PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
         rope_theta=500000.0,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
+        dtype="bfloat16",
     ),
     # LLaMA-65B, the model of the QLoRA paper's one-GPU claim (Dettmers et al. 2023, arXiv
     # 2305.14314); https://huggingface.co/huggyllama/llama-65b/blob/main/config.json
@@ -159,6 +168,7 @@ PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
         max_position_embeddings=2048,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
+        dtype="float16",
     ),
 }
 
@@ -395,45 +405,65 @@ def frozen_bytes(layout: ModelLayout, recipe: Recipe, dt: Dtypes) -> tuple[int, 
     return quantized, embeddings + others
 
 
-def trainable_shapes(layout: ModelLayout, recipe: Recipe) -> list[tuple[int, int]]:
-    """(elements, ndim) of every trainable tensor: LoRA A [r, in] and B [out, r] per target,
-    DoRA's magnitude [out], trained biases, `modules_to_save` copies."""
+def trainable_sizes(layout: ModelLayout, recipe: Recipe) -> list[int]:
+    """Elements of every trainable tensor (the optimizer keeps state per tensor): LoRA A
+    [r, in] and B [out, r] per target, DoRA's magnitude [out], trained biases, and
+    `modules_to_save` copies (one entry for all of them: approximate for the optimizer)."""
     r = recipe.lora.r
-    shapes: list[tuple[int, int]] = []
+    sizes: list[int] = []
     for lin in layout.lora_targets:
-        shapes += [(r * lin.in_features, 2), (lin.out_features * r, 2)]
+        sizes += [r * lin.in_features, lin.out_features * r]
         if recipe.lora.use_dora:
-            shapes.append((lin.out_features, 1))
+            sizes.append(lin.out_features)
     if recipe.lora.bias == "all":
-        shapes += [(lin.out_features, 1) for lin in layout.linears if lin.bias]
+        sizes += [lin.out_features for lin in layout.linears if lin.bias]
     elif recipe.lora.bias == "lora_only":
-        shapes += [(lin.out_features, 1) for lin in layout.lora_targets if lin.bias]
+        sizes += [lin.out_features for lin in layout.lora_targets if lin.bias]
     if layout.modules_to_save_params:
-        shapes.append((layout.modules_to_save_params, 2))
-    return shapes
+        sizes.append(layout.modules_to_save_params)
+    return sizes
 
 
-def lora_parameter_count(layout: ModelLayout, recipe: Recipe) -> int:
-    """Trainable parameters, as PEFT's `get_nb_trainable_parameters` counts them."""
-    return sum(n for n, _ in trainable_shapes(layout, recipe))
-
-
-def optimizer_state_bytes(shapes: list[tuple[int, int]], optimizer: str) -> int:
+def optimizer_state_bytes(sizes: list[int], optimizer: str) -> int:
     """AdamW's two moments. bitsandbytes' 8-bit variants keep them in 8 bits with one fp32
     absmax per 256 values each, but in 32 bits for tensors under 4096 elements; the 32-bit ones
     and torch's AdamW keep 8 bytes per parameter (torch adds a 4-byte step per tensor)."""
     total = 0
     eight_bit = optimizer in ("paged_adamw_8bit", "adamw_8bit")
-    for n, _ in shapes:
+    for n in sizes:
         if eight_bit and n >= ADAM8BIT_MIN_SIZE:
             total += 2 * n + 2 * 4 * math.ceil(n / ADAM8BIT_BLOCKSIZE)
         else:
             total += 8 * n
-    if eight_bit and any(n >= ADAM8BIT_MIN_SIZE for n, _ in shapes):
+    if eight_bit and any(n >= ADAM8BIT_MIN_SIZE for n in sizes):
         total += ADAM8BIT_QMAP_BYTES
     if optimizer == "adamw_torch":
-        total += 4 * len(shapes)
+        total += 4 * len(sizes)
     return total
+
+
+def mapped_checkpoint_bytes(
+    layout: ModelLayout, recipe: Recipe, config: PretrainedConfig, dt: Dtypes, device: str
+) -> int:
+    """Checkpoint pages that stay resident on the CPU. transformers loads a tensor whose dtype
+    matches the checkpoint's as a view of the memory-mapped safetensors file; PEFT's k-bit
+    preparation replaces bf16/fp16 ones by fp32 copies, but fp32 ones stay views. So with an
+    fp32 checkpoint and fp32 compute the file stays mapped, and the pages read to quantize the
+    linear weights stay resident (measured: 423 MiB of SmolLM2's 540 MiB file; clean file
+    pages, which the kernel may reclaim under pressure, but resident until then)."""
+    if device != "cpu" or not recipe.quant.load_in_4bit or dt.compute != torch.float32:
+        return 0
+    if stored_dtype(config) != torch.float32:
+        return 0
+    return sum(lin.weights for lin in layout.linears) * 4
+
+
+def stored_dtype(config: PretrainedConfig) -> torch.dtype | None:
+    """The dtype the checkpoint's weights are stored in, as its config says."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        return DTYPES.get(dtype)
+    return dtype
 
 
 # --- Activations -----------------------------------------------------------------------------
@@ -710,6 +740,8 @@ class MemoryPlan:
     runtime: int
     parallel: int
     """DDP's gradient buckets, or FSDP's gathered layers."""
+    mapped_checkpoint: int
+    """CPU only: checkpoint pages that stay mapped (`mapped_checkpoint_bytes`)."""
     allocator_slack: int
     device: str
     processes: int
@@ -740,6 +772,10 @@ class MemoryPlan:
             ("step working memory", self.working, f"peak in the {self.peak_in}"),
             ("runtime", self.runtime, "process" if self.device == "cpu" else "CUDA context"),
         ]
+        if self.mapped_checkpoint:
+            rows.append(
+                ("checkpoint file still mapped", self.mapped_checkpoint, "fp32 views keep it")
+            )
         if self.parallel:
             what = "FSDP gathered layers" if self.fsdp else "DDP gradient buckets"
             rows.append((what, self.parallel, f"{self.processes} processes"))
@@ -780,10 +816,10 @@ def estimate(
         packed=recipe.data.packing and not full_rows,
     )
     frozen_4bit, frozen_other = frozen_bytes(layout, recipe, dt)
-    shapes = trainable_shapes(layout, recipe)
-    trainable = sum(n for n, _ in shapes)
+    sizes = trainable_sizes(layout, recipe)
+    trainable = sum(sizes)
     lora = trainable * dt.lora_bytes
-    optimizer = optimizer_state_bytes(shapes, recipe.train.optimizer)
+    optimizer = optimizer_state_bytes(sizes, recipe.train.optimizer)
     acts = activation_bytes(layout, recipe, dt, batch)
     share = processes if fsdp else 1
     parallel = 0
@@ -793,11 +829,10 @@ def estimate(
         per_layer = (frozen_4bit + frozen_other + lora) / max(layout.layers, 1)
         parallel = int(FSDP_PREFETCHED_UNITS * per_layer)
     if runtime_bytes is None:
-        runtime_bytes = (
-            CPU_RUNTIME_BYTES + TOKENIZER_BYTES_PER_TOKEN * layout.vocab
-            if device == "cpu"
-            else CUDA_CONTEXT_BYTES
-        )
+        runtime_bytes = CUDA_CONTEXT_BYTES
+        if device == "cpu":
+            tokenizer = TOKENIZER_BYTES_PER_TOKEN * layout.vocab
+            runtime_bytes = CPU_RUNTIME_BYTES + tokenizer + CPU_RUN_STATE_BYTES
     slack = 0
     if device == "cuda":
         slack = int(CUDA_ALLOCATOR_SLACK * (acts.saved + acts.working + lora))
@@ -812,6 +847,9 @@ def estimate(
         working=acts.working,
         runtime=runtime_bytes,
         parallel=parallel,
+        mapped_checkpoint=0
+        if fsdp
+        else mapped_checkpoint_bytes(layout, recipe, config, dt, device),
         allocator_slack=slack,
         device=device,
         processes=processes,
@@ -825,11 +863,19 @@ def estimate(
 
 
 def _notes(recipe: Recipe, layout: ModelLayout) -> tuple[str, ...]:
+    """What the estimate only approximates (the rest is checked against runs)."""
     notes = []
     if recipe.lora.use_dora:
         notes.append("DoRA's activations are counted as plain LoRA's with dropout (approximate)")
     if recipe.train.torch_compile:
         notes.append("torch.compile may fuse and drop some kept activations (not modeled)")
+    if recipe.model.attn_implementation != "sdpa":
+        notes.append(
+            f"{recipe.model.attn_implementation} attention is approximated (SDPA is measured)"
+        )
+    leaves = {lin.name.rsplit(".", 1)[-1] for lin in layout.linears}
+    if not leaves & {"gate_proj", "gate_up_proj", "w1"}:
+        notes.append("activations assume a Llama-style layer with a gated MLP (approximate here)")
     return tuple(notes)
 
 
@@ -966,19 +1012,6 @@ def levers(recipe: Recipe, config: PretrainedConfig, budget: int, **kwargs: Any)
             add(f"lora.r={r}", "a smaller adapter (alpha scaled with it)", candidate)
             break
     return found
-
-
-# --- Published figures -----------------------------------------------------------------------
-
-
-def big_model_table(recipes: dict[str, Recipe], budget: int = 80 * GiB) -> list[dict[str, Any]]:
-    """One row per (name -> recipe naming a model in PUBLISHED_CONFIGS): the plan on one GPU."""
-    rows = []
-    for label, recipe in recipes.items():
-        config = published_config(recipe.model.name_or_path)
-        plan = estimate(recipe, config, device="cuda")
-        rows.append({"label": label, "plan": plan, "fits": plan.fits(budget)})
-    return rows
 
 
 def describe(plan: MemoryPlan) -> list[str]:

@@ -9,6 +9,7 @@ other processes, is left to `benchmarks/plan_accuracy.py`.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +70,33 @@ def test_weight_bytes_equal_what_the_trainable_model_holds(tiny_model, arch, qua
     plan = plan_for(recipe)
     assert plan.frozen_4bit + plan.frozen_other + plan.lora_weights == held_bytes(model)
     assert (plan.frozen_4bit > 0) == quant.get("load_in_4bit", True)
+
+
+def mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps `path`."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(str(path)):
+            start, end = line.split()[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_fp32_views_keep_the_checkpoint_mapped(tiny_model, compute):
+    """The tiny checkpoint is stored in fp32. Computing in fp32, the frozen embeddings are views
+    of the mapped file (so its pages stay resident); in bf16 they are copies."""
+    model_dir = tiny_model("llama")
+    recipe = make_recipe(model_dir, quant={"bnb_4bit_compute_dtype": compute})
+    model, _ = build_trainable_model(recipe, str(model_dir), CPU)
+    pointer = model.get_input_embeddings().weight.data_ptr()
+    ranges = mapped_ranges((model_dir / "model.safetensors").resolve())
+    is_view = any(start <= pointer < end for start, end in ranges)
+    plan = plan_for(recipe)
+    assert is_view == (compute == "float32")
+    layout = mp.model_layout(load_config(str(model_dir)), recipe)
+    linear = sum(lin.weights for lin in layout.linears)
+    assert plan.mapped_checkpoint == (4 * linear if is_view else 0)
 
 
 def test_4bit_bytes_follow_the_qlora_formula_on_a_big_model():
