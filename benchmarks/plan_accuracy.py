@@ -14,12 +14,14 @@ first forward to the end of the last step, however short the spike.
 
 The allocator: glibc's default raises its mmap threshold (up to 32 MiB) each time a large
 block is freed, which loading does thousands of times; from then on every tensor under 32 MiB
-comes from the heap, and freed ones stay resident. Measured here (`--glibc-default`), the loop's
-resident peak was 1.2-1.7x what it allocates and still grew from step to step (8x512: 841 MiB
-above the loop's start after one step, 1075 after two, for 523 MiB allocated). The children
-therefore run with `MALLOC_MMAP_THRESHOLD_=131072` (a fixed threshold: tensors of 128 KiB and
-more are mapped and unmapped), which makes resident memory follow what torch allocates, and
-which lorakit should set on Linux (see the report). The plan estimates that.
+comes from the heap, and freed ones stay resident. Measured with `--glibc-default`, the same
+loops peaked 25-40% higher after only two steps (4x256: 1208 vs 950 MiB; 16x512: 2312 vs
+1651; fp32 4x256: 1789 vs 1430), and the peak grows from step to step (8x512 in a separate
+probe, trimmed before the loop: 841 MiB above the loop's start after one step, 1075 after
+two, for 523 MiB allocated). The children therefore run with `MALLOC_MMAP_THRESHOLD_=131072`
+(a fixed threshold: blocks of 128 KiB and more are mapped and unmapped), which makes resident
+memory follow what torch allocates; lorakit should set it on Linux (mallopt at start-up).
+The plan estimates that.
 
 Data fills every row, so the activation terms are exercised at full size: `tokenized` rows of
 exactly max_seq_len tokens of the astronomy text (no padding, no mask: `full_rows=True`), or
@@ -29,6 +31,20 @@ the pirate chat set packed into rows of max_seq_len (`data.packing`, a block-dia
     python benchmarks/plan_accuracy.py --only 1 3     # some of them
     python benchmarks/plan_accuracy.py --parts        # with the plan's parts per setting
     python benchmarks/plan_accuracy.py --glibc-default  # glibc's default allocator policy
+
+Last run (2-core Xeon with AMX, shared; compute `auto` = bf16 here), MiB:
+
+     #  setting                                           estimate measured  ratio  peak in
+     1   1x128  r8  ckpt on      4-bit      full               689      711  0.969  head
+     2   4x256  r16 ckpt on      4-bit      full               923      950  0.972  head
+     3  16x512  r16 ckpt on      4-bit      full              1624     1651  0.984  backward
+     4   8x1024 r32 ckpt on      4-bit      packed            1739     1729  1.006  backward
+     5   2x1024 r16 ckpt every 2 4-bit      full              1990     2005  0.993  head
+     6   2x512  r64 ckpt off     4-bit      full              2103     2067  1.017  head
+     7   1x256  r16 ckpt off     4-bit      packed drop 0.05  1291     1203  1.073  head
+     8   4x512  r16 ckpt on      bf16 base  full              1074     1103  0.973  head
+     9   1x1024 r8  ckpt off     bf16 base  packed            1743     1755  0.993  head
+    10   4x256  r16 ckpt on      4-bit fp32 full adamw_torch  1408     1430  0.984  head
 """
 
 from __future__ import annotations

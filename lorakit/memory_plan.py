@@ -217,7 +217,8 @@ class ModelLayout:
     """Norm scales and every parameter that is neither a linear weight nor embeddings/head."""
     buffer_bytes: int
     """Buffers (RoPE's inverse frequencies), in the dtype the config builds them."""
-    bias_params: int
+    biases: tuple[int, ...]
+    """Sizes of every bias parameter (linear layers', and norms' where they have one)."""
     lora_targets: tuple[Linear, ...]
     modules_to_save_params: int
     """Parameters of `lora.modules_to_save` (trained in full, as a copy)."""
@@ -266,7 +267,7 @@ def model_layout(config: PretrainedConfig, recipe: Recipe) -> ModelLayout:
         head_params=head_params,
         other_params=other,
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
-        bias_params=sum(params[n].numel() for n in bias_names),
+        biases=tuple(params[n].numel() for n in sorted(bias_names)),
         lora_targets=_lora_targets(model, linears, recipe),
         modules_to_save_params=_modules_to_save_params(model, recipe.lora.modules_to_save),
         parameters=sum(p.numel() for p in params.values()),
@@ -396,7 +397,7 @@ def frozen_bytes(layout: ModelLayout, recipe: Recipe, dt: Dtypes) -> tuple[int, 
     """(4-bit weights, everything else frozen). Without 4-bit, every weight is in the compute
     dtype and the first number is 0."""
     embeddings = (layout.embedding_params + layout.head_params) * _size(dt.embeddings)
-    others = (layout.other_params + layout.bias_params) * _size(dt.others) + layout.buffer_bytes
+    others = (layout.other_params + sum(layout.biases)) * _size(dt.others) + layout.buffer_bytes
     linear = sum(lin.weights for lin in layout.linears)
     if not recipe.quant.load_in_4bit:
         return 0, embeddings + others + linear * dt.c
@@ -415,8 +416,8 @@ def trainable_sizes(layout: ModelLayout, recipe: Recipe) -> list[int]:
         sizes += [r * lin.in_features, lin.out_features * r]
         if recipe.lora.use_dora:
             sizes.append(lin.out_features)
-    if recipe.lora.bias == "all":
-        sizes += [lin.out_features for lin in layout.linears if lin.bias]
+    if recipe.lora.bias == "all":  # PEFT trains every bias of the model
+        sizes += list(layout.biases)
     elif recipe.lora.bias == "lora_only":
         sizes += [lin.out_features for lin in layout.lora_targets if lin.bias]
     if layout.modules_to_save_params:
@@ -950,9 +951,8 @@ def levers(recipe: Recipe, config: PretrainedConfig, budget: int, **kwargs: Any)
     max_seq_len and a smaller r change what is trained."""
     layout = kwargs.pop("layout", None) or model_layout(config, recipe)
 
-    def plan(candidate: Recipe) -> MemoryPlan:
-        lay = layout if candidate.lora.r == recipe.lora.r else None
-        return estimate(candidate, config, layout=lay, **kwargs)
+    def plan(candidate: Recipe) -> MemoryPlan:  # the levers change no shape or target
+        return estimate(candidate, config, layout=layout, **kwargs)
 
     found: list[Lever] = []
 

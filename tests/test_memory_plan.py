@@ -125,6 +125,7 @@ def test_4bit_bytes_follow_the_qlora_formula_on_a_big_model():
         ("qwen2", {"bias": "all"}),
         ("qwen2", {"bias": "lora_only", "target_modules": "attention"}),
         ("gpt2", {}),
+        ("gpt2", {"bias": "all"}),
     ],
 )
 def test_trainable_parameters_equal_peft_count(tiny_model, arch, lora):
