@@ -1,7 +1,7 @@
 """The memory plan against the training loop's measured peak, on the embedded SmolLM2-135M.
 
-Each setting runs lorakit's real training loop (`lorakit.train.train`, a few optimizer steps) in
-a fresh child process and prints the plan's estimate (`lorakit.memory_plan.estimate`) beside
+Each setting runs lorakit's real training loop (`lorakit.commands.train.train`, a few optimizer
+steps) in a fresh child process and prints the plan's estimate (`lorakit.memory_plan.estimate`) beside
 the measured peak, and their ratio.
 
 What "the training loop's peak" is, and how the child measures it: the whole process peaks
@@ -138,11 +138,11 @@ def child(recipe_json: str, trim: bool) -> None:
     import gc
     import importlib
 
+    from lorakit.commands.train import train
     from lorakit.recipe import Recipe
-    from lorakit.train import train
 
     after_imports = status_bytes("VmRSS")
-    module = importlib.import_module(train.__module__)  # lorakit.train, or where it moved
+    module = importlib.import_module(train.__module__)
     marks: dict = {"rss_at_start": started, "rss_after_imports": after_imports, "steps": 0}
     forward_backward = module.forward_backward
 
@@ -276,7 +276,7 @@ def print_table(rows: list[Row], show_parts: bool) -> None:
     runtimes = [row.runtime_measured for row in rows if row.runtime_measured]
     if runtimes:
         print(
-            f"RSS after `import lorakit.train` in the children: "
+            f"RSS after `import lorakit.commands.train` in the children: "
             f"{min(runtimes) / MiB:.0f}-{max(runtimes) / MiB:.0f} MiB "
             f"(the plan's constant: {_runtime_constant() / MiB:.0f} MiB)"
         )

@@ -112,8 +112,9 @@ def train_command(
 
     Ctrl-C (or SIGTERM) finishes the current optimizer step, writes a checkpoint and exits
     (130 / 143); a second Ctrl-C aborts at once."""
-    from lorakit.commands.train import TrainingStopped, train
+    from lorakit.commands.train import train
     from lorakit.recipe import load_recipe
+    from lorakit.training.signals import TrainingStopped
 
     if resume is not None and resume.startswith("-"):
         raise LorakitError(

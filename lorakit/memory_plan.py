@@ -35,8 +35,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from lorakit.dtypes import COMPUTE_DTYPES, torch_dtype
 from lorakit.loss import chunk_positions
-from lorakit.peft_setup import DTYPES, choose_compute_dtype, linear_modules, resolve_target_modules
+from lorakit.peft_setup import choose_compute_dtype, linear_modules, resolve_target_modules
 from lorakit.recipe import Recipe
 
 GiB = 2**30
@@ -63,7 +64,7 @@ ADAM8BIT_QMAP_BYTES = 2 * 256 * 4
 """The two 8-bit code books (signed and unsigned dynamic maps), shared by all parameters."""
 
 CPU_RUNTIME_BYTES = 445 * MiB
-"""Resident memory of a Python process after `import lorakit.train` (torch 2.13 CPU,
+"""Resident memory of a Python process after `import lorakit.commands.train` (torch 2.13 CPU,
 transformers 5.24, peft, bitsandbytes, accelerate): 443-447 MiB measured on the 2-core Xeon
 these numbers were calibrated on (`benchmarks/plan_accuracy.py` prints it again)."""
 CPU_RUN_STATE_BYTES = 15 * MiB
@@ -364,7 +365,7 @@ def training_dtypes(
     storage dtype under FSDP); `prepare_model_for_kbit_training` (4-bit, not FSDP) upcasts every
     bf16/fp16 parameter to fp32; `keep_frozen_embeddings_in` puts the frozen embeddings and
     head back in bf16 when computing in bf16."""
-    storage = DTYPES.get(recipe.quant.bnb_4bit_quant_storage, torch.float32)
+    storage = _named_dtype(recipe.quant.bnb_4bit_quant_storage) or torch.float32
     if not recipe.quant.load_in_4bit:
         dtypes = Dtypes(compute, compute, compute, compute, compute if fsdp else torch.float32)
     elif fsdp:
@@ -463,8 +464,13 @@ def stored_dtype(config: PretrainedConfig) -> torch.dtype | None:
     """The dtype the checkpoint's weights are stored in, as its config says."""
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
-        return DTYPES.get(dtype)
+        return _named_dtype(dtype)
     return dtype
+
+
+def _named_dtype(name: str) -> torch.dtype | None:
+    """A floating-point dtype lorakit computes in, by name (None for uint8 and others)."""
+    return torch_dtype(name) if name in COMPUTE_DTYPES else None
 
 
 # --- Activations -----------------------------------------------------------------------------

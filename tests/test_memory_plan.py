@@ -18,9 +18,9 @@ from lorakit import memory_plan as mp
 from lorakit.loss import TokenNLL, chunk_positions
 from lorakit.models import load_config
 from lorakit.peft_setup import build_trainable_model
-from lorakit.quantize import memory_bytes
+from lorakit.quantization.bnb import memory_bytes
 from lorakit.recipe import Recipe
-from lorakit.train import build_optimizer
+from lorakit.training.optim import build_optimizer
 
 CPU = torch.device("cpu")
 
