@@ -1,8 +1,8 @@
 """The memory plan against the training loop's measured peak, on the embedded SmolLM2-135M.
 
 Each setting runs lorakit's real training loop (`lorakit.commands.train.train`, a few optimizer
-steps) in a fresh child process and prints the plan's estimate (`lorakit.memory_plan.estimate`) beside
-the measured peak, and their ratio.
+steps) in a fresh child process and prints the plan's estimate (`lorakit.memory_plan.estimate`)
+beside the measured peak, and their ratio.
 
 What "the training loop's peak" is, and how the child measures it: the whole process peaks
 while it loads and quantizes the fp32 checkpoint (~1.4 GiB here, more than most loops need), so
