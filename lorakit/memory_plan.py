@@ -426,6 +426,14 @@ def trainable_sizes(layout: ModelLayout, recipe: Recipe) -> list[int]:
     return sizes
 
 
+OPTIMIZER_STATES = {
+    "paged_adamw_8bit": "8-bit AdamW moments, paged",
+    "adamw_8bit": "8-bit AdamW moments",
+    "paged_adamw_32bit": "32-bit AdamW moments, paged",
+    "adamw_torch": "AdamW moments (torch)",
+}
+
+
 def optimizer_state_bytes(sizes: list[int], optimizer: str) -> int:
     """AdamW's two moments. bitsandbytes' 8-bit variants keep them in 8 bits with one fp32
     absmax per 256 values each, but in 32 bits for tensors under 4096 elements; the 32-bit ones
@@ -759,6 +767,16 @@ class MemoryPlan:
     compute_dtype: str
     peak_in: str
     notes: tuple[str, ...] = field(default_factory=tuple)
+    optimizer: str = "adamw_torch"
+
+    @property
+    def allocated(self) -> int:
+        """What a GPU's allocator reports (`torch.cuda.max_memory_allocated`): the total less
+        the CUDA context and the cached-but-free slack. On the CPU: the total (the resident
+        set holds the process too)."""
+        if self.device == "cpu":
+            return self.total
+        return self.total - self.runtime - self.allocator_slack
 
     @property
     def total(self) -> int:
@@ -774,7 +792,7 @@ class MemoryPlan:
             ("frozen weights, not 4-bit", self.frozen_other, "embeddings, head, norms"),
             ("LoRA weights", self.lora_weights, f"{self.trainable_parameters:,} parameters"),
             ("LoRA gradients", self.lora_gradients, "same dtype as the weights"),
-            ("optimizer state", self.optimizer_state, "AdamW moments"),
+            ("optimizer state", self.optimizer_state, OPTIMIZER_STATES.get(self.optimizer, "")),
             ("activations kept for backward", self.activations, f"{self.tokens:,} positions"),
             ("step working memory", self.working, f"peak in the {self.peak_in}"),
             ("runtime", self.runtime, "process" if self.device == "cpu" else "CUDA context"),
@@ -816,8 +834,9 @@ def estimate(
     compute = compute_dtype or resolve_compute_dtype(recipe, device)
     dt = training_dtypes(recipe, compute, fsdp, device)
     flash = recipe.model.attn_implementation == "flash_attention_2"
+    pairs = recipe.train.method != "sft"  # a preference micro-batch of P pairs runs 2P rows
     batch = Batch(
-        recipe.train.micro_batch_size,
+        recipe.train.micro_batch_size * (2 if pairs else 1),
         recipe.data.max_seq_len,
         masked=not (full_rows or flash),
         packed=recipe.data.packing and not full_rows,
@@ -866,6 +885,7 @@ def estimate(
         compute_dtype=str(compute).removeprefix("torch."),
         peak_in=acts.peak_in,
         notes=notes,
+        optimizer=recipe.train.optimizer,
     )
 
 
@@ -890,12 +910,21 @@ def _notes(recipe: Recipe, layout: ModelLayout) -> tuple[str, ...]:
 
 
 def with_values(recipe: Recipe, **dotted: Any) -> Recipe:
-    """A copy of the recipe with `section__key=value` changes (validated again)."""
+    """A copy of the recipe with `section__key=value` changes (validated again). Which keys the
+    recipe itself set is kept (plus the changed ones): checks such as "a starting adapter
+    brings its own LoRA settings" go by it."""
     raw = recipe.to_dict()
+    changed: dict[str, set[str]] = {}
     for key, value in dotted.items():
         section, name = key.split("__")
         raw[section][name] = value
-    return Recipe.model_validate(raw)
+        changed.setdefault(section, set()).add(name)
+    copy = Recipe.model_validate(raw)
+    for section in type(recipe).model_fields:
+        before, after = getattr(recipe, section), getattr(copy, section)
+        if hasattr(before, "model_fields_set") and hasattr(after, "model_fields_set"):
+            after.__pydantic_fields_set__ = before.model_fields_set | changed.get(section, set())
+    return copy
 
 
 def largest_micro_batch(

@@ -348,7 +348,9 @@ def enable_checkpointing(model: PreTrainedModel, every_n_layers: int, reentrant:
 
 def compile_decoder_layers(model: PreTrainedModel) -> int:
     """`torch.compile` each decoder layer (the classes the model names unsplittable): one
-    graph serves every layer of a class. Returns the number of layers compiled."""
+    graph serves every layer of a class. Returns the number of layers compiled. A layer the
+    compiler fails on runs eager (with dynamo's warning) instead of ending the run."""
+    torch._dynamo.config.suppress_errors = True
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     for layer in layers:
@@ -389,10 +391,14 @@ def describe_lora(config: LoraConfig) -> str:
 def build_trainable_model(
     recipe: Recipe, location: str, device: torch.device, sharded: bool = False
 ) -> tuple[PeftModel, ModelSummary]:
-    """Base model (4-bit or not) with LoRA adapters attached and checkpointing set up.
+    """Base model (4-bit or not) with LoRA adapters attached and checkpointing set up. The
+    recipe's `auto` values must be resolved (`lorakit.planning.resolve_auto`).
 
     `sharded` (FSDP QLoRA): no fp32 up-casting of norms and adapters, which would mix dtypes
     inside the tensors FSDP flattens."""
+    unresolved = [k for k, v in recipe.train.model_dump().items() if v == "auto"]
+    if unresolved:
+        raise ValueError(f"resolve train.{unresolved[0]}: auto before building the model")
     model, dtype = load_base_as_trained(recipe.model, recipe.quant, location, device, sharded)
     if recipe.model.adapter is None:
         targets = resolve_target_modules(model, recipe.lora.target_modules)

@@ -256,6 +256,7 @@ def recipe_file(
         "data": {"train": str(data_file), "validation": str(data_file), "max_seq_len": 64},
         "train": {
             "max_steps": 4,
+            "gradient_checkpointing": True,  # the path with the most to get right
             "micro_batch_size": 4,
             "gradient_accumulation_steps": 1,
             "learning_rate": 1e-2,

@@ -31,7 +31,7 @@ def make_recipe(model_dir, **sections) -> Recipe:
         "quant": {"bnb_4bit_compute_dtype": "bfloat16"},
         "lora": {"r": 8, "lora_alpha": 16},
         "data": {"train": "unused.jsonl", "max_seq_len": 64},
-        "train": {"micro_batch_size": 4},
+        "train": {"micro_batch_size": 4, "gradient_checkpointing": True},
         "output": {"dir": "unused"},
     }
     for section, values in sections.items():

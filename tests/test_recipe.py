@@ -25,7 +25,8 @@ def test_minimal_recipe_fills_best_practice_defaults(tmp_path):
     assert recipe.quant.bnb_4bit_quant_type == "nf4"
     assert recipe.quant.bnb_4bit_use_double_quant is True
     assert recipe.train.optimizer == "paged_adamw_8bit"
-    assert recipe.train.gradient_checkpointing is True
+    assert recipe.train.gradient_checkpointing == "auto"  # decided by the memory plan
+    assert recipe.train.micro_batch_size == 4
     assert recipe.data.train[0].path == "a.jsonl"
     assert recipe.output.dir == "runs/recipe"
 

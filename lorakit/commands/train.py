@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +23,32 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from lorakit.advice import compile_advice, data_advice, recipe_advice
 from lorakit.data import make_loader, prepare_data
 from lorakit.data.batching import EpochShuffle, collate_pairs
-from lorakit.data.pipeline import PreparedData
+from lorakit.data.pipeline import Example, PreferencePair, PreparedData
 from lorakit.decoding import generate
 from lorakit.errors import LorakitError
 from lorakit.files import check_writable
-from lorakit.loss import TokenNLL, causal_lm_of, evaluate_loss
+from lorakit.loss import causal_lm_of, evaluate_loss
+from lorakit.memory_plan import MemoryPlan
 from lorakit.models import ResolvedModel, load_config, load_tokenizer, loadable, resolve_model
 from lorakit.peft_setup import (
-    REFERENCE_ADAPTER,
     ModelSummary,
     build_trainable_model,
     check_attention,
+)
+from lorakit.planning import (
+    PeakMeter,
+    available_memory,
+    check_compiler,
+    check_fits,
+    device_kind,
+    fix_mmap_threshold,
+    plan_of,
+    resolve_auto,
 )
 from lorakit.preference import PreferenceObjective
 from lorakit.recipe import Recipe
@@ -78,6 +88,7 @@ from lorakit.training.display import (
     result_table,
     sample_table,
 )
+from lorakit.training.objective import training_objective
 from lorakit.training.optim import build_optimizer, build_scheduler, count_optimizer_steps
 from lorakit.training.saving import load_optimizer_state, save_checkpoint, save_final_adapter
 from lorakit.training.signals import SIGNAL_NAMES, StopOnSignal, TrainingStopped
@@ -100,16 +111,19 @@ def train(
     resume: str | None = None,
     force: bool = False,
     console: Console | None = None,
+    check_memory: bool = True,
 ) -> RunResult:
     """Train as the recipe says. `resume`: `auto` (the run folder's newest intact checkpoint,
     or a new run when there is none) or a checkpoint / run folder; `force` resumes even when
-    the recipe, data or tokenizer changed since the checkpoint (`--ignore-changes`)."""
-    run = setup(recipe, overwrite, resume, force, console or Console(stderr=True))
+    the recipe, data or tokenizer changed since the checkpoint (`--ignore-changes`);
+    `check_memory` refuses, before loading, a recipe whose memory plan exceeds what is free."""
+    run = setup(recipe, overwrite, resume, force, console or Console(stderr=True), check_memory)
     state, tcfg = run.state, recipe.train
     batches = batch_stream(run.train_loader, run.sampler, state.epoch, state.batches_in_epoch)
     trainable = [p for p in run.loss_module.parameters() if p.requires_grad]
     max_norm = tcfg.max_grad_norm or float("inf")
     run.loss_module.train()
+    run.meter.start()
     run.restart_clock()
     with StopOnSignal(run.main) as stop, progress(run.console, run.main) as bar:
         task = bar.add_task(
@@ -180,6 +194,12 @@ class Run:
     clocked_tokens: int = 0
     """Trained tokens since `clock`, for the tokens/s shown."""
     last_saved: Path | None = None
+    plan: MemoryPlan | None = None
+    """The memory plan the run was checked against."""
+    meter: PeakMeter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.meter = PeakMeter(self.accelerator.device)
 
     @property
     def main(self) -> bool:
@@ -349,7 +369,12 @@ class Run:
 
 
 def setup(
-    recipe: Recipe, overwrite: bool, resume: str | None, force: bool, console: Console
+    recipe: Recipe,
+    overwrite: bool,
+    resume: str | None,
+    force: bool,
+    console: Console,
+    check_memory: bool = True,
 ) -> Run:
     """Everything before the first step. What can fail on user input fails before the run
     folder is touched and before the model loads."""
@@ -366,11 +391,12 @@ def setup(
     set_seed(recipe.train.seed)
     check_writable(Path(recipe.output.dir), "output.dir")
     checkpoint = checkpoint_to_resume(resume, Path(recipe.output.dir), overwrite, say)
-    resolved, tokenizer, data = load_inputs(recipe)
-    run_fingerprints = fingerprints(recipe, data)
+    resolved, tokenizer, data, config = load_inputs(recipe)
+    run_fingerprints = fingerprints(recipe, data)  # of the recipe as written (`auto` kept)
     if checkpoint is not None:
         check_resumable(checkpoint, run_fingerprints, accelerator.num_processes, force, say)
     sharded = accelerator.distributed_type == DistributedType.FSDP
+    recipe, plan = plan_memory(recipe, config, accelerator, data.train, check_memory, say)
     if sharded:
         check_fsdp_recipe(recipe)
     model, summary = build_trainable_model(recipe, resolved.location, accelerator.device, sharded)
@@ -415,6 +441,7 @@ def setup(
         prompts=prompts,
         before_samples=before,
         started=started,
+        plan=plan,
     )
     if recipe.train.method == "dpo" and recipe.train.precompute_ref_log_probs:
         precompute_reference(run)
@@ -442,10 +469,12 @@ def start_accelerator(recipe: Recipe) -> Accelerator:
     )
 
 
-def load_inputs(recipe: Recipe) -> tuple[ResolvedModel, PreTrainedTokenizerBase, PreparedData]:
-    """The base model's location, its tokenizer and the prepared data. A GGUF source is
-    converted (a minute for a real model) only once the data is known good: its tokenizer is
-    read from the file."""
+def load_inputs(
+    recipe: Recipe,
+) -> tuple[ResolvedModel, PreTrainedTokenizerBase, PreparedData, PretrainedConfig]:
+    """The base model's location, its tokenizer, the prepared data and the model's config. A
+    GGUF source is converted (a minute for a real model) only once the data is known good:
+    its tokenizer is read from the file."""
     resolved = resolve_model(recipe.model.name_or_path, convert=False)
     if recipe.model.adapter is not None:
         starting_adapter(recipe)
@@ -454,7 +483,39 @@ def load_inputs(recipe: Recipe) -> tuple[ResolvedModel, PreTrainedTokenizerBase,
     resolved = loadable(resolved)
     config = load_config(resolved.location, recipe.model.trust_remote_code)
     check_attention(recipe.model.attn_implementation, config)
-    return resolved, tokenizer, data
+    return resolved, tokenizer, data, config
+
+
+def plan_memory(
+    recipe: Recipe,
+    config: PretrainedConfig,
+    accelerator: Accelerator,
+    train: Sequence[Example | PreferencePair],
+    check: bool,
+    say: Callable[[Any], None],
+) -> tuple[Recipe, MemoryPlan]:
+    """The recipe with its `auto` values decided from the memory plan on this machine (each
+    said with its reason), the plan, and the refusal of a recipe that cannot fit."""
+    fix_mmap_threshold()
+    device = device_kind(accelerator.device)
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    shape = {
+        "device": device,
+        "processes": accelerator.num_processes,
+        "fsdp": sharded,
+        "longest": max((example.length for example in train), default=1),
+    }
+    budget = available_memory(str(accelerator.device))
+    recipe, decisions = resolve_auto(
+        recipe, config, budget=budget, train_examples=len(train), **shape
+    )
+    for decision in decisions:
+        say(f"auto: {decision.key} = {decision.value} ({decision.why})")
+    check_compiler(recipe, device)
+    plan = plan_of(recipe, config, **shape)
+    if check:
+        check_fits(recipe, config, plan, budget, **shape)
+    return recipe, plan
 
 
 def show_start(
@@ -519,24 +580,6 @@ def prepare_for_training(
         loss_module, build_optimizer(model, tcfg), train_loader, val_loader
     )
     return (*prepared, sampler)
-
-
-def training_objective(recipe: Recipe, model: PeftModel) -> torch.nn.Module:
-    """What one forward of a batch returns as (loss sum, count): token NLL for SFT, the
-    preference loss for DPO / ORPO / SimPO."""
-    tcfg = recipe.train
-    if tcfg.method == "sft":
-        return TokenNLL(model)
-    reference = REFERENCE_ADAPTER if REFERENCE_ADAPTER in model.peft_config else None
-    return PreferenceObjective(
-        model,
-        tcfg.method,
-        beta=tcfg.beta,
-        loss_type=tcfg.loss_type,
-        label_smoothing=tcfg.label_smoothing,
-        gamma=tcfg.gamma,
-        reference=reference,
-    )
 
 
 def restore_training_state(
@@ -705,6 +748,16 @@ def held_out_accuracy(run_dir: Path) -> tuple[float, float] | None:
 def finish(run: Run) -> RunResult:
     """After the last step: the samples after training, the loss plot, the summary."""
     recipe, state = run.recipe, run.state
+    peak = run.meter.peak()  # before the samples after training: the loop's peak
+    planned = run.plan.allocated if run.plan else None  # what the meter measures
+    run.metrics.write(
+        {
+            "step": state.step,
+            "memory_planned_bytes": planned,
+            "memory_peak_bytes": peak,
+            "memory_peak_scope": run.meter.scope,
+        }
+    )
     max_new = recipe.eval.max_new_tokens
     after = generate(run.model, run.tokenizer, run.prompts, max_new) if run.main else []
     run.metrics.close()
@@ -731,6 +784,7 @@ def finish(run: Run) -> RunResult:
         trained_pairs=state.trained_pairs,
         pairs_per_second=state.trained_pairs / max(state.train_seconds, 1e-9),
         eval_accuracy=held_out_accuracy(run.run_dir) if run.preference else None,
+        memory=(planned, peak, run.meter.scope),
     )
     run.say(result_table(result))
     for prompt, before, after_text in result.samples:

@@ -1,2 +1,3 @@
-"""The training loop's machinery, which only `lorakit train` uses: optimizer and schedule,
-one optimizer step, signals, saving from several processes, and what the run shows."""
+"""The training loop's machinery (`lorakit train`; `lorakit plan --probe` times its steps): the
+objective, optimizer and schedule, one optimizer step, signals, saving from several processes,
+and what the run shows."""

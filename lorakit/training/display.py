@@ -49,6 +49,9 @@ class RunResult:
     pairs_per_second: float = 0.0
     eval_accuracy: tuple[float, float] | None = None
     """Preference tuning: held-out reward accuracy before and after training."""
+    memory: tuple[int | None, int | None, str] = (None, None, "loop")
+    """The memory plan's estimate, the measured peak, and what the peak covers (`loop`, or the
+    whole `process` where the high-water mark cannot be reset)."""
 
 
 def printer(console: Console):
@@ -140,6 +143,13 @@ def result_table(result: RunResult) -> Table:
     else:
         table.add_row("trained pairs", f"{result.trained_pairs:,} ({result.method})")
         table.add_row("pairs/s", f"{result.pairs_per_second:.2f}")
+    planned, peak, scope = result.memory
+    if peak is not None:
+        what = "training loop" if scope == "loop" else "whole process"
+        shown = f"{peak / 2**30:.2f} GiB measured ({what})"
+        if planned:
+            shown += f", {planned / 2**30:.2f} GiB planned ({peak / planned:.2f}x)"
+        table.add_row("peak memory", shown)
     table.add_row("wall time", f"{result.wall_seconds:.1f} s")
     table.add_row("adapter", str(result.adapter_dir))
     return table
