@@ -106,6 +106,13 @@ def train_command(
             help="Resume even if the recipe, data or tokenizer changed since the checkpoint.",
         ),
     ] = False,
+    skip_memory_check: Annotated[
+        bool,
+        typer.Option(
+            "--skip-memory-check",
+            help="Train even when the memory plan says the recipe does not fit.",
+        ),
+    ] = False,
     force: DeprecatedForce = False,
 ) -> None:
     """Fine-tune a model with (Q)LoRA as the recipe says; writes a run folder with the adapter.
@@ -129,6 +136,7 @@ def train_command(
             resume=resume,
             force=ignore_changes or force,
             console=console,
+            check_memory=not skip_memory_check,
         )
     except TrainingStopped as stopped:
         print(f"{stopped}; checkpoint: {stopped.checkpoint}", file=sys.stderr)
@@ -148,6 +156,38 @@ def validate_command(recipe: RecipeArg, set_: SetOption = None) -> None:
 
     for line in validate(recipe, set_ or ()):
         console.print(line)
+
+
+@app.command("plan")
+@user_errors
+def plan_command(
+    recipe: RecipeArg,
+    set_: SetOption = None,
+    memory: Annotated[
+        str | None,
+        typer.Option(
+            help="The memory to plan for, e.g. 24GiB (default: what is free).", show_default=False
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="cpu or cuda[:N] (default: cuda when there is one).", show_default=False),
+    ] = None,
+    gpus: Annotated[int, typer.Option(min=1, help="Data-parallel processes (one per GPU).")] = 1,
+    fsdp: Annotated[
+        bool, typer.Option("--fsdp", help="Shard weights and optimizer state over the GPUs.")
+    ] = False,
+    probe: Annotated[
+        bool,
+        typer.Option("--probe", help="Load the model and time a few steps for a time estimate."),
+    ] = False,
+) -> None:
+    """Will the recipe fit, and how long will it run: the peak memory by part, without loading
+    weights; the largest batch that fits; the levers when it does not."""
+    from lorakit.commands.plan import PlanOptions, plan
+
+    options = PlanOptions(memory=memory, device=device, gpus=gpus, fsdp=fsdp, probe=probe)
+    plan(recipe, set_ or (), options, Console())
 
 
 @app.command("recipes")
