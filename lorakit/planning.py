@@ -237,25 +237,6 @@ def check_fits(
 
 # --- measuring what the plan estimates ----------------------------------------------------------
 
-MMAP_THRESHOLD = 128 * 1024
-"""glibc serves larger allocations with mmap and returns them on free. Its default threshold
-rises (to 32 MiB) after the loading frees thousands of large blocks, so tensors freed during a
-step then stay resident in the heap and the resident set grows step after step, 25-40% over
-what torch holds (benchmarks/plan_accuracy.py --glibc-default)."""
-
-
-def fix_mmap_threshold() -> bool:
-    """Pin glibc's mmap threshold (Linux); False where there is no glibc to tell."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        return bool(libc and libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
 
 class PeakMeter:
     """The training loop's peak memory: on the CPU the resident set's high-water mark, reset

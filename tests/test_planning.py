@@ -166,14 +166,6 @@ def test_the_peak_meter_sees_what_the_loop_allocates():
     assert after - before >= 60 * 2**20
 
 
-def test_the_mmap_threshold_is_pinned_where_there_is_glibc():
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc only")
-    assert planning.fix_mmap_threshold() is True
-
-
 def test_without_a_cxx_compiler_auto_leaves_compile_off_and_true_is_refused(llama, monkeypatch):
     folder, config = llama
     monkeypatch.setattr(planning, "compiler_found", lambda: False)

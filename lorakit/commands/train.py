@@ -46,7 +46,6 @@ from lorakit.planning import (
     check_compiler,
     check_fits,
     device_kind,
-    fix_mmap_threshold,
     plan_of,
     resolve_auto,
 )
@@ -496,7 +495,6 @@ def plan_memory(
 ) -> tuple[Recipe, MemoryPlan]:
     """The recipe with its `auto` values decided from the memory plan on this machine (each
     said with its reason), the plan, and the refusal of a recipe that cannot fit."""
-    fix_mmap_threshold()
     device = device_kind(accelerator.device)
     sharded = accelerator.distributed_type == DistributedType.FSDP
     shape = {
