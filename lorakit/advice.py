@@ -8,9 +8,12 @@ from __future__ import annotations
 from lorakit.recipe import Recipe, TrainSection
 
 SMALL_DATASET_EXAMPLES = 2_000
-COMPILE_PAYS_OFF_MICRO_BATCHES = 200
-"""`train.torch_compile` measured on 2 CPU cores: ~35 s to compile, ~0.17 s saved per
-micro-batch of the benchmark recipe (README, Performance)."""
+COMPILE_PAYS_OFF_MICRO_BATCHES = 500
+"""`train.torch_compile` measured on 2 CPU cores (the benchmark recipe, README: Performance):
+~0.17 s saved per micro-batch of 4, with checkpointing on or off, after a first compilation of
+~35 s (checkpointing on) to ~75 s (off, new sequence lengths compiled as they come). In the
+200-step defaults comparison the compiled run's loop took 172 s against 138 s eager: it pays
+off after ~450 micro-batches."""
 
 
 def recipe_advice(recipe: Recipe) -> list[str]:
@@ -65,6 +68,6 @@ def compile_advice(train: TrainSection, optimizer_steps: int) -> list[str]:
         return []
     return [
         f"train.torch_compile on a run of {micro_batches} micro-batches: the first step "
-        "compiles the decoder layers (~35 s on 2 CPU cores), which takes longer than the "
+        "compiles the decoder layers (~35-75 s on 2 CPU cores), which takes longer than the "
         f"compiled steps save before ~{COMPILE_PAYS_OFF_MICRO_BATCHES} micro-batches"
     ]

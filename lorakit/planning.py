@@ -171,8 +171,8 @@ def _checkpointing(recipe: Recipe, config, budget: int, **kwargs) -> tuple[Recip
 
 
 def _compile(recipe: Recipe, micro_batches_per_epoch: int, fsdp: bool) -> tuple[Recipe, Decision]:
-    """Compile when the run is long enough to pay the compilation back (measured: ~35 s on 2
-    CPU cores against ~0.17 s saved per micro-batch), never under FSDP."""
+    """Compile when the run is long enough to pay the compilation back (`advice`'s
+    COMPILE_PAYS_OFF_MICRO_BATCHES, measured), never under FSDP."""
     steps = count_optimizer_steps(recipe.train, micro_batches_per_epoch)
     micro_batches = steps * recipe.train.gradient_accumulation_steps
     long_enough = micro_batches >= COMPILE_PAYS_OFF_MICRO_BATCHES

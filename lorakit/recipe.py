@@ -249,9 +249,9 @@ class TrainSection(_Section):
     `every_n_layers`); the others keep their activations: faster, more memory. 1: all."""
     torch_compile: bool | Literal["auto"] = False
     """Compile every decoder layer with `torch.compile` for the training steps (evaluation and
-    generation stay eager): faster steps once compiled, after a first compilation (~35 s on 2
-    CPU cores; ~13 s when inductor's kernel cache holds an earlier run's), so for long runs.
-    Uses non-re-entrant checkpointing. `auto`: on for runs of 200 micro-batches or more."""
+    generation stay eager): faster steps once compiled, after a first compilation (~35-75 s on
+    2 CPU cores; ~13 s when inductor's kernel cache holds an earlier run's), so for long runs.
+    Uses non-re-entrant checkpointing. `auto`: on for runs of 500 micro-batches or more."""
     eval_steps: PositiveInt | None = None
     """Evaluate every N optimizer steps (always before the first and after the last)."""
     save_steps: PositiveInt | None = None

@@ -110,7 +110,7 @@ def test_micro_batch_auto_keeps_the_effective_batch_when_memory_is_short(llama):
 def test_compile_auto_is_on_for_long_runs_and_never_under_fsdp(llama):
     folder, config = llama
     recipe = make_recipe(folder, train={"torch_compile": "auto", "gradient_checkpointing": True})
-    long_run = {"budget": 100 * GiB, "train_examples": 4 * 400}
+    long_run = {"budget": 100 * GiB, "train_examples": 4 * 600}  # 600 micro-batches
     resolved, _ = resolve_auto(recipe, config, **long_run, **SHAPE)
     assert resolved.train.torch_compile is True
     fsdp = {**SHAPE, "processes": 2, "fsdp": True}
@@ -171,7 +171,7 @@ def test_without_a_cxx_compiler_auto_leaves_compile_off_and_true_is_refused(llam
     monkeypatch.setattr(planning, "compiler_found", lambda: False)
     recipe = make_recipe(folder, train={"torch_compile": "auto", "gradient_checkpointing": True})
     resolved, (decision,) = resolve_auto(
-        recipe, config, budget=100 * GiB, train_examples=4 * 400, **SHAPE
+        recipe, config, budget=100 * GiB, train_examples=4 * 600, **SHAPE
     )
     assert resolved.train.torch_compile is False
     assert decision.why.startswith("no C++ compiler for inductor here")
