@@ -74,8 +74,11 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Same settings in both arms (~2 min on 2 idle cores), then each tool's defaults over 200 steps
+# (~8 min). `python benchmarks/run.py --method dpo` compares DPO with TRL's DPOTrainer.
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py --defaults --rounds 1
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

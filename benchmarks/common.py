@@ -41,11 +41,12 @@ class Spec:
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.05
     optimizer: str = "paged_adamw_8bit"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | str = True
+    """True, False, or (lorakit only) "auto": decided by lorakit's memory plan."""
     checkpoint_every_n_layers: int = 1
     """lorakit only (a lever); the TRL arm checkpoints every layer."""
-    torch_compile: bool = False
-    """lorakit only (a lever)."""
+    torch_compile: bool | str = False
+    """lorakit only (a lever, or "auto": on for runs of 200 micro-batches or more)."""
     r: int = 16
     lora_alpha: float = 32
     lora_dropout: float = 0.0
@@ -54,6 +55,13 @@ class Spec:
     epochs: int = 1
     threads: int = 0
     """torch.set_num_threads (0: torch's default)."""
+    method: str = "sft"
+    """`sft`, or `dpo` (train_file and heldout_file then hold preference pairs; the micro-batch
+    size and the counts are in pairs)."""
+    beta: float = 0.1
+    """dpo: the KL coefficient (sigmoid loss, no label smoothing, on both arms)."""
+    precompute_ref_log_probs: bool = False
+    """dpo: the reference log-probs of every training pair computed once before training."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -121,14 +129,49 @@ def set_threads(spec: Spec) -> None:
         torch.set_num_threads(spec.threads)
 
 
+_PEAK_BEFORE_RESET_MB = 0.0
+"""The process's peak RSS before `RssSampler.restart` reset the kernel's high-water mark."""
+
+
 def peak_rss_mb() -> float:
+    """The process's peak RSS so far (ru_maxrss, and the peak before a reset by RssSampler)."""
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss / 1024**2 if sys.platform == "darwin" else maxrss / 1024  # bytes vs KiB
+    peak = maxrss / 1024**2 if sys.platform == "darwin" else maxrss / 1024  # bytes vs KiB
+    return max(peak, _PEAK_BEFORE_RESET_MB)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM, which ru_maxrss reads too) to the current RSS,
+    keeping the peak so far for `peak_rss_mb`; False where the kernel does not allow it (not
+    Linux): the sampled peak is all there is then."""
+    global _PEAK_BEFORE_RESET_MB
+    before = peak_rss_mb()
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    _PEAK_BEFORE_RESET_MB = before
+    return True
 
 
 class RssSampler:
-    """The largest resident set size seen while the `with` block runs, or since `restart()`
-    (called as the first optimizer step begins: model loading is not the training loop)."""
+    """The largest resident set size while the `with` block runs, or since `restart()` (called
+    as the first optimizer step begins: model loading is not the training loop).
+
+    Sampled every 20 ms, which can miss a short transient (a chunk of logits lives a few ms);
+    on Linux `restart()` also resets the kernel's exact peak mark, read when the block ends."""
 
     def __init__(self, interval: float = 0.02) -> None:
         import psutil
@@ -143,6 +186,7 @@ class RssSampler:
 
     def restart(self) -> None:
         self.peak = self._process.memory_info().rss
+        self._exact = reset_peak_rss()
 
     def __enter__(self) -> RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -152,6 +196,9 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        high_water = _status_kib("VmHWM") if getattr(self, "_exact", False) else None
+        if high_water is not None:
+            self.peak = max(self.peak, high_water * 1024)
 
     @property
     def peak_mb(self) -> float:
@@ -187,20 +234,81 @@ def heldout_loss(model, tokenizer, spec: Spec) -> tuple[float, float]:
     return total, spread / math.sqrt(len(means))
 
 
+def heldout_preference(model, tokenizer, spec: Spec, batch_pairs: int = 8) -> dict[str, float]:
+    """DPO's implicit reward on the held-out pairs, computed the same way for both arms.
+
+    Per pair, with lorakit's tokenization (chat template, answers labelled) in padded rows, no
+    grad: the summed answer log-probs under the trained adapter (π) and under the base with the
+    adapter disabled (π_ref, the reference both arms trained against); reward = β·(log π −
+    log π_ref) of each answer, as TRL logs `rewards/*`. Returns the reward accuracy (share of
+    pairs whose chosen reward is higher), the mean margin (chosen − rejected reward), the DPO
+    sigmoid loss −log σ(margin) with its standard error over pairs, and the length-normalized
+    log-prob accuracy of `lorakit eval --metrics preference_accuracy` (mean log-prob per answer
+    token, policy only)."""
+    import torch
+    import torch.nn.functional as F
+
+    from lorakit.data.batching import collate_pairs
+    from lorakit.data.pipeline import load_rows, tokenize_rows
+    from lorakit.peft_setup import keep_4bit_layers_differentiable
+    from lorakit.preference import pair_log_probs
+    from lorakit.recipe import DatasetSpec
+
+    keep_4bit_layers_differentiable(model)
+    rows = load_rows([DatasetSpec(path=spec.heldout_file)])
+    pairs, _ = tokenize_rows(rows, tokenizer, spec.max_seq_len, "completions")
+    model.eval()
+    margins, normalized_wins = [], 0
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        for start in range(0, len(pairs), batch_pairs):
+            batch = collate_pairs(pairs[start : start + batch_pairs], tokenizer.pad_token_id)
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+            policy, _ = pair_log_probs(model, **inputs)
+            with model.disable_adapter():
+                reference, _ = pair_log_probs(model, **inputs)
+            rewards = spec.beta * (policy.sums.double() - reference.sums.double())
+            chosen, rejected = rewards.chunk(2)
+            margins += (chosen - rejected).tolist()
+            chosen_mean, rejected_mean = policy.means.chunk(2)
+            normalized_wins += int((chosen_mean > rejected_mean).sum())
+    margin = torch.tensor(margins, dtype=torch.float64)
+    losses = -F.logsigmoid(margin)
+    spread = float(losses.std()) if len(margins) > 1 else 0.0
+    return {
+        "heldout_pairs": len(margins),
+        "heldout_reward_accuracy": float((margin > 0).double().mean()),
+        "heldout_reward_margin": float(margin.mean()),
+        "heldout_dpo_loss": float(losses.mean()),
+        "heldout_dpo_loss_se": spread / math.sqrt(len(margins)),
+        "heldout_normalized_accuracy": normalized_wins / len(margins),
+    }
+
+
+def machine_cpu_seconds() -> float:
+    """CPU time all processes of the machine have used since boot (/proc/stat; 0 elsewhere)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = stat.readline().split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 class StepClock:
     """Wall and CPU time of each optimizer step, from the first step's start to the last
     step's end. CPU time (all threads of the process) shows how much work a step took even
-    when other processes compete for the cores."""
+    when other processes compete for the cores; `other_cores` how busy those were."""
 
     def __init__(self) -> None:
-        self.marks: list[tuple[float, float]] = []
+        self.marks: list[tuple[float, float, float]] = []
 
     def start(self) -> None:
         if not self.marks:
             self.tick()
 
     def tick(self) -> None:
-        self.marks.append((time.perf_counter(), time.process_time()))
+        self.marks.append((time.perf_counter(), time.process_time(), machine_cpu_seconds()))
 
     @property
     def step_seconds(self) -> list[float]:
@@ -213,6 +321,12 @@ class StepClock:
     @property
     def cpu_total(self) -> float:
         return self.marks[-1][1] - self.marks[0][1]
+
+    @property
+    def other_cores(self) -> float:
+        """Cores the machine's other processes kept busy, on average, during the steps."""
+        others = self.marks[-1][2] - self.marks[0][2] - self.cpu_total
+        return max(others, 0.0) / max(self.total, 1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +445,17 @@ CATEGORIES = [
 ]
 
 
+REGION_PREFIX = "region: "
+
+
+def region(name: str):
+    """A named span in the profile (`torch.profiler.record_function`): `StepProfiler.report`
+    prints the time spent inside it, everything it calls included."""
+    from torch.profiler import record_function
+
+    return record_function(REGION_PREFIX + name)
+
+
 class StepProfiler:
     """Profiles optimizer steps 3 and 4 (after warm-up): `step()` is called as each optimizer
     step begins; `report()` prints the top ops and the time per category."""
@@ -373,7 +498,97 @@ class StepProfiler:
             f"{total / 1e6:.2f} s CPU in {sum(e.count for e in events)} op calls"
         ]
         lines += [f"  {c:30} {t / total:6.1%}" for c, t in spent.items()]
+        for event in events:  # the arm's own regions (`region`), inclusive of what they call
+            if event.key.startswith(REGION_PREFIX):
+                lines.append(
+                    f"  region {event.key.removeprefix(REGION_PREFIX)!r}: {event.count} calls, "
+                    f"{event.cpu_time_total / 1e6:.2f} s = {event.cpu_time_total / total:.1%} "
+                    "of the profiled time"
+                )
         lines.append(
             events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
         )
         return "PROFILE\n" + "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The TRL arms' shared parts (trl_sft.py, trl_dpo.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def trl_model(spec: Spec):
+    """The tokenizer, 4-bit model and LoRA config as TRL's QLoRA documentation writes them."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    compute_dtype = getattr(torch, spec.compute_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(spec.model)
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.model,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        ),
+        dtype=compute_dtype,
+    )
+    peft_config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=spec.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return tokenizer, model, peft_config
+
+
+def trl_arguments(spec: Spec, output_dir: str) -> dict[str, Any]:
+    """The recipe's hyperparameters as TRL's config fields (both trainers' configs take them)."""
+    import torch
+
+    return {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": spec.micro_batch_size,
+        "gradient_accumulation_steps": spec.gradient_accumulation_steps,
+        "learning_rate": spec.learning_rate,
+        "lr_scheduler_type": spec.lr_scheduler_type,
+        "warmup_steps": spec.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        "optim": spec.optimizer,
+        "gradient_checkpointing": spec.gradient_checkpointing,
+        "max_length": spec.max_seq_len,
+        "num_train_epochs": spec.epochs,
+        "seed": spec.seed,
+        "bf16": spec.compute_dtype == "bfloat16",
+        "use_cpu": not torch.cuda.is_available(),
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+    }
+
+
+def measuring_callback(
+    clock: StepClock, losses: list[float], rss: RssSampler, profiler: StepProfiler | None
+):
+    """A TrainerCallback that times the optimizer steps, restarts the RSS sampler as the first
+    step begins, drives the profiler and collects the logged losses."""
+    from transformers import TrainerCallback
+
+    class Measure(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not clock.marks:  # the first step begins
+                rss.restart()
+            clock.start()
+            if profiler:
+                profiler.step()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.tick()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    return Measure()

@@ -1,6 +1,9 @@
 """The lorakit arm: `lorakit.commands.train.train` on the benchmark recipe, measured.
 
-    python benchmarks/lorakit_arm.py '<Spec JSON>' [LEVER ...]
+    python benchmarks/lorakit_arm.py '<Spec JSON>' [LEVER ...] [--profile]
+
+The recipe is SFT, or DPO when the Spec says `method: dpo` (its data then holds preference
+pairs; the counts are pairs and the held-out metrics DPO's implicit reward).
 
 A LEVER turns one of lorakit's speed choices back off, to measure what it is worth (see
 `LEVERS`); the recipe-level ones (dtype, threads, checkpointing, dropout, compile) are Spec
@@ -29,7 +32,9 @@ from benchmarks.common import (  # noqa: E402
     device_peak_memory,
     emit,
     heldout_loss,
+    heldout_preference,
     peak_rss_mb,
+    region,
     set_threads,
 )
 
@@ -37,7 +42,7 @@ from benchmarks.common import (  # noqa: E402
 def recipe_dict(
     spec: Spec, output_dir: str, group_by_length: bool = True, shared_prefix: bool = True
 ) -> dict:
-    return {
+    recipe = {
         "model": {"name_or_path": spec.model},
         "quant": {
             "load_in_4bit": True,
@@ -73,6 +78,15 @@ def recipe_dict(
         },
         "output": {"dir": output_dir},
     }
+    if spec.method == "dpo":
+        recipe["train"] |= {
+            "method": "dpo",
+            "beta": spec.beta,
+            "loss_type": "sigmoid",
+            "label_smoothing": 0.0,
+            "precompute_ref_log_probs": spec.precompute_ref_log_probs,
+        }
+    return recipe
 
 
 def no_fast_lora() -> None:
@@ -172,20 +186,53 @@ def main(spec: Spec, levers: list[str]) -> None:
     import lorakit.commands.train
     import lorakit.data.batching as batching
     from lorakit.commands.train import train
+    from lorakit.data.pipeline import PreferencePair
+    from lorakit.preference import PreferenceObjective
     from lorakit.recipe import Recipe
     from lorakit.tracking import read_metrics
 
-    counts = {"real": 0, "padded": 0, "shared": 0}
+    counts = {"real": 0, "padded": 0, "shared": 0, "trained": 0, "pairs": 0}
     collate = batching.collate
+    pairs_from_loader = [False]
+    """collate_pairs collates a batch's 2P rows through `batching.collate` again: only those of
+    the training loader count (not those of the reference precompute)."""
 
-    def counting_collate(examples, *args):
-        batch = collate(examples, *args)
+    def counting_collate(examples, *args, **kwargs):
+        if isinstance(examples[0], PreferencePair):
+            counts["pairs"] += len(examples)
+            pairs_from_loader[0] = True
+            try:
+                return collate(examples, *args, **kwargs)
+            finally:
+                pairs_from_loader[0] = False
+        batch = collate(examples, *args, **kwargs)
+        if spec.method != "sft" and not pairs_from_loader[0]:
+            return batch
         real = sum(len(e.input_ids) for e in examples)
         counts["real"] += real
+        counts["trained"] += sum(e.trained_tokens for e in examples)
         counts["padded"] += batch["input_ids"].numel()
         if batch.get("segments") is not None:
             counts["shared"] += real - batch["input_ids"].numel()
         return batch
+
+    precompute = {"seconds": 0.0}
+    precompute_reference = lorakit.commands.train.precompute_reference
+
+    def timed_precompute(run):
+        started = time.perf_counter()
+        precompute_reference(run)
+        precompute["seconds"] += time.perf_counter() - started
+
+    lorakit.commands.train.precompute_reference = timed_precompute
+    if profiler:  # the reference forward of each micro-batch, as one region of the profile
+        reference_log_probs = PreferenceObjective.reference_log_probs
+
+        def profiled_reference(self, *args, **kwargs):
+            with region("reference forward (no grad)"):
+                return reference_log_probs(self, *args, **kwargs)
+
+        PreferenceObjective.reference_log_probs = profiled_reference
 
     with tempfile.TemporaryDirectory() as out:
         raw = recipe_dict(
@@ -219,15 +266,31 @@ def main(spec: Spec, levers: list[str]) -> None:
         with rss:
             result = train(recipe, overwrite=True)
         batching.collate = collate
-        losses = [r["loss"] for r in read_metrics(result.run_dir) if "loss" in r]
-    memory = device_peak_memory()
+        records = read_metrics(result.run_dir)
+        losses = [r["loss"] for r in records if "loss" in r]
+        plan = next((r for r in records if "memory_planned_bytes" in r), {})
+    memory = device_peak_memory() | {
+        "peak_rss_trained_mb": peak_rss_mb(),
+        "other_cores_during_loop": clock.other_cores,
+        # lorakit's own memory plan and its measured peak (max_memory_allocated on GPU)
+        "planned_mb": plan.get("memory_planned_bytes", 0) / 2**20,
+        "planned_peak_mb": plan.get("memory_peak_bytes", 0) / 2**20,
+    }
     if profiler:
         print(profiler.report("lorakit"))
-    loss, se = heldout_loss(result.model, _tokenizer(spec), spec)
+    extra = dict(memory)
+    if spec.method == "dpo":
+        metrics = heldout_preference(result.model, _tokenizer(spec), spec)
+        loss, se = metrics["heldout_dpo_loss"], metrics["heldout_dpo_loss_se"]
+        extra |= metrics | {"pairs": counts["pairs"], "precompute_s": precompute["seconds"]}
+        trained = counts["trained"]
+    else:
+        loss, se = heldout_loss(result.model, _tokenizer(spec), spec)
+        trained = result.trained_tokens
     emit(
         ArmResult(
             arm="lorakit" + "".join(f"-{lever}" for lever in levers),
-            trained_tokens=result.trained_tokens,
+            trained_tokens=trained,
             real_tokens=counts["real"],
             padded_tokens=counts["padded"],
             shared_tokens=counts["shared"],
@@ -241,7 +304,7 @@ def main(spec: Spec, levers: list[str]) -> None:
             train_peak_rss_mb=rss.peak_mb,
             setup_seconds=setup_seconds,
             loop_cpu_seconds=clock.cpu_total,
-            extra=memory,
+            extra=extra,
         )
     )
 

@@ -20,8 +20,8 @@ loops peaked 25-40% higher after only two steps (4x256: 1208 vs 950 MiB; 16x512:
 probe, trimmed before the loop: 841 MiB above the loop's start after one step, 1075 after
 two, for 523 MiB allocated). The children therefore run with `MALLOC_MMAP_THRESHOLD_=131072`
 (a fixed threshold: blocks of 128 KiB and more are mapped and unmapped), which makes resident
-memory follow what torch allocates; lorakit should set it on Linux (mallopt at start-up).
-The plan estimates that.
+memory follow what torch allocates: the plan estimates that. lorakit itself does not set it:
+it makes training 1.8x slower (README: Will it fit?).
 
 Data fills every row, so the activation terms are exercised at full size: `tokenized` rows of
 exactly max_seq_len tokens of the astronomy text (no padding, no mask: `full_rows=True`), or

@@ -9,6 +9,15 @@ machine's matmul peak is measured in the same run.
     python benchmarks/run.py                 # the comparison (~2 min on 2 idle CPU cores)
     python benchmarks/run.py --levers        # lorakit's speed choices, one by one
     python benchmarks/run.py --profile       # where a TRL step and a lorakit step spend time
+    python benchmarks/run.py --defaults --rounds 1   # defaults vs defaults, 200 steps (~10 min)
+
+    python benchmarks/run.py --method dpo    # DPO: lorakit against TRL's DPOTrainer + PEFT
+    python benchmarks/run.py --method dpo --precompute   # also both with precomputed reference
+    python benchmarks/run.py --method dpo --profile      # where a DPO step of each spends time
+
+`--method dpo` trains on the first `--examples` pairs of examples/preference_concise (micro-batch
+and counts in pairs), alternating lorakit DPO, TRL DPO and a lorakit SFT run on prompt + chosen
+answer with the same settings and steps (lorakit's DPO memory against its SFT memory).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import statistics
@@ -38,7 +48,26 @@ from benchmarks.common import (  # noqa: E402
 )
 
 DATA = ROOT / "examples" / "alpaca_instruct"
+PAIRS = ROOT / "examples" / "preference_concise"
 HERE = Path(__file__).resolve().parent
+DPO_DEFAULTS = {
+    "examples": 48,
+    "heldout": 64,
+    "micro_batch_size": 2,
+    "gradient_accumulation_steps": 2,
+    "learning_rate": 5e-4,
+    "warmup_ratio": 0.1,
+}
+"""`--method dpo` unless given: 12 steps of 4 pairs, the shipped DPO recipe's learning rate and
+warmup (configs/use-cases/preference-concise.yaml), every held-out pair."""
+SFT_DEFAULTS = {
+    "examples": 64,
+    "heldout": 30,
+    "micro_batch_size": 4,
+    "gradient_accumulation_steps": 2,
+    "learning_rate": 2e-4,
+    "warmup_ratio": 0.05,
+}
 
 
 def prepare_data(
@@ -61,6 +90,41 @@ def prepare_data(
     _write_jsonl(train, rows[:examples])
     _write_jsonl(val, held[:heldout])
     return str(train), str(val), source
+
+
+def prepare_pairs(folder: Path, source_dir: Path, pairs: int, heldout: int) -> dict[str, str]:
+    """The first `pairs` rows of the shipped preference set (TRL's string shape) for training
+    and the first `heldout` of its validation file; and the same prompts with their chosen
+    answers as chat rows, for the SFT arm (`sft_train`, `sft_heldout`)."""
+    train_src, val_src = source_dir / "train.jsonl", source_dir / "val.jsonl"
+    rows, held = _jsonl(train_src), _jsonl(val_src)
+    if len(rows) < pairs:
+        raise SystemExit(f"{train_src} has {len(rows)} pairs; --examples asks for {pairs}")
+    files = {
+        "train": (rows[:pairs], False),
+        "heldout": (held[:heldout], False),
+        "sft_train": (rows[:pairs], True),
+        "sft_heldout": (held[:heldout], True),
+    }
+    paths = {}
+    for name, (part, as_chat) in files.items():
+        paths[name] = str(folder / f"{name}.jsonl")
+        _write_jsonl(Path(paths[name]), [chosen_chat(r) for r in part] if as_chat else part)
+    paths["source"] = str(
+        train_src.relative_to(ROOT) if train_src.is_relative_to(ROOT) else train_src
+    )
+    return paths
+
+
+def chosen_chat(pair: dict) -> dict:
+    """A preference row as the SFT example of its chosen answer (the same chat template
+    rendering, so the tokens are those of the pair's chosen side)."""
+    return {
+        "messages": [
+            {"role": "user", "content": pair["prompt"]},
+            {"role": "assistant", "content": pair["chosen"]},
+        ]
+    }
 
 
 def generated_rows(count: int) -> list[dict]:
@@ -138,11 +202,19 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def compare(spec: Spec, rounds: int, source: str) -> None:
+def compare(spec: Spec, rounds: int, source: str, lorakit_spec: Spec | None = None) -> None:
+    """Both arms on `spec`, alternating; the lorakit arm on `lorakit_spec` where given (the
+    defaults comparison: lorakit's `auto`s against TRL's recommended QLoRA settings)."""
     import torch
 
-    print(f"machine: {machine()}")
+    lorakit_spec = lorakit_spec or spec
+    print(f"machine: {machine()}; CPU flags: {cpu_flags()}")
     print(f"data: {source}; recipe: {json.dumps(dataclasses.asdict(spec))}")
+    if lorakit_spec != spec:
+        changed = {
+            k: v for k, v in dataclasses.asdict(lorakit_spec).items() if getattr(spec, k) != v
+        }
+        print(f"lorakit arm only: {json.dumps(changed)}")
     if spec.threads:
         torch.set_num_threads(spec.threads)
     peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
@@ -150,7 +222,7 @@ def compare(spec: Spec, rounds: int, source: str) -> None:
     for round_ in range(1, rounds + 1):
         print(f"round {round_}/{rounds}")
         for arm, script in (("lorakit", "lorakit_arm.py"), ("trl", "trl_sft.py")):
-            result, wall = run_arm(script, spec)
+            result, wall = run_arm(script, lorakit_spec if arm == "lorakit" else spec)
             results[arm].append(result)
             print(describe(result, wall), flush=True)
     for d, before in peaks.items():  # again at the end: the best the machine did in the run
@@ -180,7 +252,7 @@ def compare(spec: Spec, rounds: int, source: str) -> None:
     row("prompt-prefix tokens run once per batch", lambda r: r.shared_tokens, "{:.0f}", False)
     row("token positions run (incl. padding)", lambda r: r.padded_tokens, "{:.0f}")
     row("padding share of batches", padding, "{:.1%}", ratio=False)
-    if lk[0].extra:
+    if "cuda_peak_allocated_mb" in lk[0].extra:
         row("peak GPU memory allocated (MB)", lambda r: r.extra["cuda_peak_allocated_mb"], "{:.0f}")
         row("peak GPU memory reserved (MB)", lambda r: r.extra["cuda_peak_reserved_mb"], "{:.0f}")
     row("recipe GFLOP/s (formula below)", lambda r: flops["total"] / r.loop_seconds / 1e9)
@@ -229,6 +301,14 @@ def compare(spec: Spec, rounds: int, source: str) -> None:
         f"{per_cpu:.0f} GFLOP = {per_cpu / peaks[dtype][1]:.0%} of a core's {dtype} peak; "
         f"TRL {trl_per_cpu:.0f} GFLOP = {trl_per_cpu / peaks[dtype][1]:.0%}"
     )
+    if lk[0].extra.get("planned_mb"):
+        planned = median([r.extra["planned_mb"] for r in lk])
+        measured = median([r.extra["planned_peak_mb"] for r in lk])
+        where = "max_memory_allocated" if "cuda_peak_allocated_mb" in lk[0].extra else "loop RSS"
+        print(
+            f"lorakit's memory plan: {planned:.0f} MB against {measured:.0f} MB measured "
+            f"({where}; ratio {planned / measured:.3f}; README: Will it fit?)"
+        )
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(
         f"held-out loss difference lorakit - TRL: {gap:+.4f} "
@@ -239,6 +319,198 @@ def compare(spec: Spec, rounds: int, source: str) -> None:
         "(16·d_attn·causal context per token and layer) + Σ trained tokens × 4·V·d "
         "(benchmarks/common.py: model_flops)."
     )
+
+
+LONG_EPOCHS = 4
+"""`--defaults`: 4 epochs of the 200 shipped examples at micro-batch 4, no accumulation: 200
+optimizer steps (200 micro-batches: lorakit's `torch_compile: auto` threshold)."""
+
+
+def defaults_specs(spec: Spec) -> tuple[Spec, Spec]:
+    """Defaults against defaults on a longer run. TRL: the settings its QLoRA documentation and
+    the QLoRA paper recommend (4-bit NF4 with double quantization, gradient checkpointing on
+    every layer, paged 8-bit AdamW), as `spec` has them. lorakit: the same recipe with its
+    defaults, which leave `gradient_checkpointing` to the memory plan, and `torch_compile`
+    `auto` (on for a run of this length)."""
+    long = dataclasses.replace(spec, epochs=LONG_EPOCHS, gradient_accumulation_steps=1)
+    return long, dataclasses.replace(long, gradient_checkpointing="auto", torch_compile="auto")
+
+
+DPO_ARMS = {
+    # name: (script, which Spec)
+    "lorakit": ("lorakit_arm.py", "dpo"),
+    "trl": ("trl_dpo.py", "dpo"),
+    "lorakit_sft": ("lorakit_arm.py", "sft"),
+    "lorakit_pre": ("lorakit_arm.py", "dpo_pre"),
+    "trl_pre": ("trl_dpo.py", "dpo_pre"),
+}
+
+
+def dpo_specs(spec: Spec, sft_train: str, sft_heldout: str) -> dict[str, Spec]:
+    """The DPO Spec, the same with precomputed reference log-probs, and the SFT Spec of the
+    lorakit memory baseline: prompt + chosen answer of the same pairs, same micro-batch (one
+    example per pair), same steps."""
+    return {
+        "dpo": spec,
+        "dpo_pre": dataclasses.replace(spec, precompute_ref_log_probs=True),
+        "sft": dataclasses.replace(
+            spec, method="sft", train_file=sft_train, heldout_file=sft_heldout
+        ),
+    }
+
+
+def describe_dpo(name: str, result: ArmResult, wall: float) -> str:
+    extra = result.extra
+    held = (
+        f"held-out reward accuracy {extra['heldout_reward_accuracy']:.3f} margin "
+        f"{extra['heldout_reward_margin']:+.3f}"
+        if "heldout_reward_accuracy" in extra
+        else f"held-out loss {result.heldout_loss:.4f}"
+    )
+    speed = (
+        f"{extra['pairs'] / result.loop_seconds:6.2f} pairs/s"
+        if "pairs" in extra
+        else f"{result.trained_tokens_per_s:6.1f} tok/s"
+    )
+    return (
+        f"  {name:<12} {speed}  {result.median_step_s:6.2f} s/step  loop peak RSS "
+        f"{result.train_peak_rss_mb:6.0f} MB  process {result.peak_rss_mb:6.0f} MB  final loss "
+        f"{result.final_loss:.4f}  {held}  ({wall:.0f} s in all; other processes kept "
+        f"{extra.get('other_cores_during_loop', math.nan):.1f} cores busy during the loop)"
+    )
+
+
+def compare_dpo(specs: dict[str, Spec], rounds: int, source: str, precompute: bool) -> None:
+    """lorakit DPO, TRL DPO and lorakit SFT (and, with `precompute`, both DPO arms with
+    precomputed reference log-probs), alternating, one process each; then the table."""
+    started = time.perf_counter()
+    spec = specs["dpo"]
+    print(f"machine: {machine()}; CPU flags: {cpu_flags()}")
+    print(
+        f"data: first {count_rows(spec.train_file)} pairs of {source}; held-out: "
+        f"{count_rows(spec.heldout_file)} pairs of its val.jsonl"
+    )
+    print(f"recipe: {json.dumps(dataclasses.asdict(spec))}")
+    names = ["lorakit", "trl", "lorakit_sft"] + (["lorakit_pre", "trl_pre"] if precompute else [])
+    results: dict[str, list[ArmResult]] = {name: [] for name in names}
+    for round_ in range(1, rounds + 1):
+        print(f"round {round_}/{rounds}", flush=True)
+        for name in names:
+            script, which = DPO_ARMS[name]
+            result, wall = run_arm(script, specs[which])
+            results[name].append(result)
+            print(describe_dpo(name, result, wall), flush=True)
+    print()
+    print(dpo_table(results["lorakit"], results["trl"], "reference forward in every step"))
+    if precompute:
+        print()
+        print(
+            dpo_table(
+                results["lorakit_pre"], results["trl_pre"], "precompute_ref_log_probs on both"
+            )
+        )
+    print()
+    print(dpo_goals(results, precompute))
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    print(f"the whole benchmark took {time.perf_counter() - started:.0f} s")
+
+
+def dpo_table(lk: list[ArmResult], trl: list[ArmResult], title: str) -> str:
+    """Medians over the rounds, side by side with lorakit / TRL ratios."""
+    rows = []
+
+    def row(name: str, get, fmt: str = "{:.2f}", ratio: bool = True) -> None:
+        a, b = median([get(r) for r in lk]), median([get(r) for r in trl])
+        rows.append((name, fmt.format(a), fmt.format(b), f"{a / b:.2f}x" if ratio and b else ""))
+
+    extra = lambda key: lambda r: r.extra[key]  # noqa: E731
+    row("pairs/s (training loop)", pairs_per_s)
+    if lk[0].extra.get("precompute_s") or trl[0].extra.get("precompute_s"):
+        row("reference precompute (s, before the loop)", extra("precompute_s"), "{:.1f}")
+        row(
+            "pairs/s incl. the precompute",
+            lambda r: r.extra["pairs"] / (r.loop_seconds + r.extra["precompute_s"]),
+        )
+    row("time per optimizer step (s, median)", lambda r: r.median_step_s)
+    row("training loop (s)", lambda r: r.loop_seconds, "{:.1f}")
+    row("CPU time of the loop (s, all threads)", lambda r: r.loop_cpu_seconds, "{:.1f}")
+    others = extra("other_cores_during_loop")
+    row("other processes' busy cores during the loop", others, "{:.1f}", ratio=False)
+    row("peak RSS, training loop (MB)", lambda r: r.train_peak_rss_mb, "{:.0f}")
+    row("peak RSS, whole process to the end of training", extra("peak_rss_trained_mb"), "{:.0f}")
+    row("peak RSS, whole process incl. held-out eval", lambda r: r.peak_rss_mb, "{:.0f}")
+    row("final step loss", lambda r: r.final_loss, "{:.4f}", ratio=False)
+    row("mean train loss", lambda r: statistics.fmean(r.losses), "{:.4f}", ratio=False)
+    row("held-out reward accuracy", extra("heldout_reward_accuracy"), "{:.3f}", ratio=False)
+    row("held-out mean reward margin", extra("heldout_reward_margin"), "{:+.3f}", ratio=False)
+    row("held-out DPO loss", lambda r: r.heldout_loss, "{:.4f}", ratio=False)
+    normalized = extra("heldout_normalized_accuracy")
+    row("held-out accuracy, mean log-prob/token", normalized, "{:.3f}", ratio=False)
+    row("pairs trained", extra("pairs"), "{:.0f}", ratio=False)
+    row("optimizer steps", lambda r: r.steps, "{:.0f}", ratio=False)
+    row("answer tokens trained (both sides)", lambda r: r.trained_tokens, "{:.0f}", ratio=False)
+    row("tokens (non-padding, both sides)", lambda r: r.real_tokens, "{:.0f}", ratio=False)
+    row("prompt tokens run once per micro-batch", lambda r: r.shared_tokens, "{:.0f}", False)
+    row("token positions run per forward", lambda r: r.padded_tokens, "{:.0f}")
+    row("padding share of batches", padding, "{:.1%}", ratio=False)
+    if lk[0].extra.get("cuda_peak_allocated_mb") is not None:
+        row("peak GPU memory allocated (MB)", extra("cuda_peak_allocated_mb"), "{:.0f}")
+    lines = [f"DPO, {title} ({len(lk)} runs per arm, medians)"]
+    lines.append(f"{'':48} {'lorakit':>10} {'TRL':>10} {'ratio':>7}")
+    lines += [f"{name:48} {a:>10} {b:>10} {ratio:>7}" for name, a, b, ratio in rows]
+    repacked = [r.extra.get("repacked_4bit_layers_before_training", 0) for r in trl]
+    if any(repacked):
+        lines.append(f"TRL: 4-bit layers repacked for inference before training: {repacked}")
+    return "\n".join(lines)
+
+
+def pairs_per_s(result: ArmResult) -> float:
+    return result.extra["pairs"] / result.loop_seconds
+
+
+def dpo_goals(results: dict[str, list[ArmResult]], precompute: bool) -> str:
+    """The issue's goals, each with its measured ratio (medians over the rounds)."""
+    lk, trl, sft = results["lorakit"], results["trl"], results["lorakit_sft"]
+
+    def ratio(a: list[ArmResult], b: list[ArmResult], get) -> float:
+        return median([get(r) for r in a]) / median([get(r) for r in b])
+
+    def verdict(met: bool) -> str:
+        return "met" if met else "MISSED"
+
+    speed = ratio(lk, trl, pairs_per_s)
+    loop_rss = ratio(lk, trl, lambda r: r.train_peak_rss_mb)
+    vs_sft = ratio(lk, sft, lambda r: r.train_peak_rss_mb)
+    vs_sft_process = ratio(lk, sft, lambda r: r.peak_rss_mb)
+    sft_loop = median([r.train_peak_rss_mb for r in sft])
+    sft_process = median([r.peak_rss_mb for r in sft])
+    sft_step = median([r.median_step_s for r in sft])
+    lines = [
+        f"goal lorakit DPO pairs/s >= 2x TRL: {speed:.2f}x ({verdict(speed >= 2)})",
+        f"goal lorakit DPO loop peak RSS <= TRL's: {loop_rss:.2f}x ({verdict(loop_rss <= 1)})",
+        f"goal lorakit DPO loop peak RSS <= 1.15x lorakit SFT's (prompt + chosen, same pairs "
+        f"and steps: {sft_loop:.0f} MB loop, {sft_process:.0f} MB process, "
+        f"{sft_step:.2f} s/step): {vs_sft:.2f}x ({verdict(vs_sft <= 1.15)}); whole process "
+        f"{vs_sft_process:.2f}x",
+    ]
+    if precompute:
+        pre = ratio(results["lorakit_pre"], results["trl_pre"], pairs_per_s)
+        lines.append(f"with precomputed reference log-probs on both: pairs/s {pre:.2f}x TRL")
+    return "\n".join(lines)
+
+
+def count_rows(path: str) -> int:
+    return len(_jsonl(Path(path)))
+
+
+def cpu_flags() -> str:
+    """The flags that decide the CPU's bf16 speed (README: Performance)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    found = [f for f in ("avx512_bf16", "amx_tile", "avx512_fp16") if f in flags]
+    return " ".join(found) or "none of avx512_bf16/amx_tile"
 
 
 LEVER_RUNS = [
@@ -373,19 +645,38 @@ def build_random_llama(folder: Path, tokenizer_from: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--examples", type=int, default=64, help="training examples (1 epoch)")
-    parser.add_argument("--heldout", type=int, default=30, help="held-out examples")
+    parser.add_argument("--method", choices=("sft", "dpo"), default="sft")
+    parser.add_argument(
+        "--examples", type=int, help="training examples, or pairs (1 epoch; sft 64, dpo 48)"
+    )
+    parser.add_argument("--heldout", type=int, help="held-out examples or pairs (30; dpo 64)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per arm")
     parser.add_argument("--levers", nargs="*", help="measure lorakit's levers (optionally some)")
     parser.add_argument("--profile", action="store_true", help="profile 2 steps of each arm")
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="defaults against defaults: lorakit's autos vs TRL's QLoRA settings, 200 steps",
+    )
     parser.add_argument("--data", type=Path, default=DATA, help="folder with alpaca train.jsonl")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="alias or folder")
     parser.add_argument("--build-model", type=Path, help="build a random ~1B Llama here, use it")
-    parser.add_argument("--micro-batch-size", type=int, default=4)
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=2)
+    parser.add_argument("--micro-batch-size", type=int, help="examples or pairs (sft 4, dpo 2)")
+    parser.add_argument("--gradient-accumulation-steps", type=int, help="(sft 2, dpo 2)")
+    parser.add_argument(
+        "--precompute", action="store_true", help="dpo: also both arms with precomputed reference"
+    )
     parser.add_argument("--max-seq-len", type=int, default=256)
+    parser.add_argument("--learning-rate", type=float, help="(sft 2e-4, dpo 5e-4; cosine)")
+    parser.add_argument("--warmup-ratio", type=float, help="(sft 0.05, dpo 0.1)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per arm (0: default)")
     args = parser.parse_args()
+    defaults = DPO_DEFAULTS if args.method == "dpo" else SFT_DEFAULTS
+    if args.defaults:
+        defaults = defaults | {"examples": 200}
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
 
     import torch
 
@@ -397,6 +688,29 @@ def main() -> None:
     model = resolve_model(args.model).location
     if args.build_model:
         model = build_random_llama(args.build_model, model)
+    if args.method == "dpo":
+        with tempfile.TemporaryDirectory(prefix="lorakit-bench-dpo-") as folder:
+            files = prepare_pairs(Path(folder), PAIRS, args.examples, args.heldout)
+            spec = Spec(
+                model=model,
+                train_file=files["train"],
+                heldout_file=files["heldout"],
+                compute_dtype=dtype,
+                max_seq_len=args.max_seq_len,
+                micro_batch_size=args.micro_batch_size,
+                gradient_accumulation_steps=args.gradient_accumulation_steps,
+                learning_rate=args.learning_rate,
+                warmup_ratio=args.warmup_ratio,
+                threads=args.threads,
+                method="dpo",
+            )
+            specs = dpo_specs(spec, files["sft_train"], files["sft_heldout"])
+            if args.profile:
+                for script in ("lorakit_arm.py", "trl_dpo.py"):
+                    run_arm(script, spec, "--profile")
+            else:
+                compare_dpo(specs, args.rounds, files["source"], args.precompute)
+        return
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as folder:
         train, heldout, source = prepare_data(Path(folder), args.data, args.examples, args.heldout)
         spec = Spec(
@@ -407,6 +721,8 @@ def main() -> None:
             max_seq_len=args.max_seq_len,
             micro_batch_size=args.micro_batch_size,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
+            learning_rate=args.learning_rate,
+            warmup_ratio=args.warmup_ratio,
             threads=args.threads,
         )
         if args.profile:
@@ -414,6 +730,9 @@ def main() -> None:
                 run_arm(script, spec, "--profile")
         elif args.levers is not None:
             levers(spec, args.levers)
+        elif args.defaults:
+            trl_spec, lorakit_spec = defaults_specs(spec)
+            compare(trl_spec, args.rounds, source, lorakit_spec)
         else:
             compare(spec, args.rounds, source)
 

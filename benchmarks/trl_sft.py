@@ -27,8 +27,11 @@ from benchmarks.common import (  # noqa: E402
     device_peak_memory,
     emit,
     heldout_loss,
+    measuring_callback,
     peak_rss_mb,
     set_threads,
+    trl_arguments,
+    trl_model,
 )
 
 
@@ -53,73 +56,18 @@ def prompt_completion_rows(path: str) -> list[dict]:
 def main(spec: Spec, profile: bool = False) -> None:
     setup_started = time.perf_counter()
     set_threads(spec)
-    import torch
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        BitsAndBytesConfig,
-        TrainerCallback,
-    )
     from trl import SFTConfig, SFTTrainer
 
-    compute_dtype = getattr(torch, spec.compute_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(spec.model)
-    model = AutoModelForCausalLM.from_pretrained(
-        spec.model,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        ),
-        dtype=compute_dtype,
-    )
-    peft_config = LoraConfig(
-        r=spec.r,
-        lora_alpha=spec.lora_alpha,
-        lora_dropout=spec.lora_dropout,
-        target_modules=spec.target_modules,
-        task_type="CAUSAL_LM",
-    )
+    tokenizer, model, peft_config = trl_model(spec)
     args = SFTConfig(
-        output_dir=str(Path(spec.train_file).parent / "trl-out"),
-        per_device_train_batch_size=spec.micro_batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation_steps,
-        learning_rate=spec.learning_rate,
-        lr_scheduler_type=spec.lr_scheduler_type,
-        warmup_steps=spec.warmup_ratio,  # a float below 1 is a ratio of the total steps
-        optim=spec.optimizer,
-        gradient_checkpointing=spec.gradient_checkpointing,
-        max_length=spec.max_seq_len,
-        num_train_epochs=spec.epochs,
-        seed=spec.seed,
-        bf16=compute_dtype == torch.bfloat16,
-        use_cpu=not torch.cuda.is_available(),
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
+        **trl_arguments(spec, str(Path(spec.train_file).parent / "trl-out")),
     )
 
     clock, losses, rss = StepClock(), [], RssSampler()
     profiler = StepProfiler() if profile else None
 
-    class Measure(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if not clock.marks:  # the first step begins
-                rss.restart()
-            clock.start()
-            if profiler:
-                profiler.step()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.tick()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
+    measure = measuring_callback(clock, losses, rss, profiler)
 
     trainer = SFTTrainer(
         model=model,
@@ -127,7 +75,7 @@ def main(spec: Spec, profile: bool = False) -> None:
         train_dataset=Dataset.from_list(prompt_completion_rows(spec.train_file)),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[Measure()],
+        callbacks=[measure],
     )
     counts = {"trained": 0, "real": 0, "padded": 0}
     collator = trainer.data_collator
