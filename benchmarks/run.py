@@ -643,6 +643,25 @@ def build_random_llama(folder: Path, tokenizer_from: str) -> str:
     return str(folder)
 
 
+def spec_from(
+    args: argparse.Namespace, model: str, dtype: str, train: str, heldout: str, **more: object
+) -> Spec:
+    """The benchmark recipe from the command line's settings."""
+    return Spec(
+        model=model,
+        train_file=train,
+        heldout_file=heldout,
+        compute_dtype=dtype,
+        max_seq_len=args.max_seq_len,
+        micro_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        warmup_ratio=args.warmup_ratio,
+        threads=args.threads,
+        **more,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=("sft", "dpo"), default="sft")
@@ -691,19 +710,7 @@ def main() -> None:
     if args.method == "dpo":
         with tempfile.TemporaryDirectory(prefix="lorakit-bench-dpo-") as folder:
             files = prepare_pairs(Path(folder), PAIRS, args.examples, args.heldout)
-            spec = Spec(
-                model=model,
-                train_file=files["train"],
-                heldout_file=files["heldout"],
-                compute_dtype=dtype,
-                max_seq_len=args.max_seq_len,
-                micro_batch_size=args.micro_batch_size,
-                gradient_accumulation_steps=args.gradient_accumulation_steps,
-                learning_rate=args.learning_rate,
-                warmup_ratio=args.warmup_ratio,
-                threads=args.threads,
-                method="dpo",
-            )
+            spec = spec_from(args, model, dtype, files["train"], files["heldout"], method="dpo")
             specs = dpo_specs(spec, files["sft_train"], files["sft_heldout"])
             if args.profile:
                 for script in ("lorakit_arm.py", "trl_dpo.py"):
@@ -713,18 +720,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as folder:
         train, heldout, source = prepare_data(Path(folder), args.data, args.examples, args.heldout)
-        spec = Spec(
-            model=model,
-            train_file=train,
-            heldout_file=heldout,
-            compute_dtype=dtype,
-            max_seq_len=args.max_seq_len,
-            micro_batch_size=args.micro_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            learning_rate=args.learning_rate,
-            warmup_ratio=args.warmup_ratio,
-            threads=args.threads,
-        )
+        spec = spec_from(args, model, dtype, train, heldout)
         if args.profile:
             for script in ("lorakit_arm.py", "trl_sft.py"):
                 run_arm(script, spec, "--profile")
