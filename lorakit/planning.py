@@ -21,8 +21,9 @@ from lorakit.recipe import Recipe
 from lorakit.training.optim import count_optimizer_steps
 
 HEADROOM = 0.8
-"""`auto` spends at most this share of the budget: the plan is within ±15% of measured peaks
-(benchmarks/plan_accuracy.py), and the machine runs other things."""
+"""`auto` spends at most this share of the budget: the plan is within ±15% of the measured
+peaks of a training step (benchmarks/plan_accuracy.py), a long CPU run's resident set holds
+more (README: Will it fit?), and the machine runs other things."""
 CHECKPOINTING_CHOICES = (0, 4, 3, 2, 1)
 """Checkpoint no layer, then every 4th … every layer: fastest first."""
 AUTO_MICRO_BATCH = 4
@@ -113,10 +114,18 @@ def resolve_auto(
         recipe, decision = _checkpointing(recipe, config, budget, **kwargs)
         decisions.append(decision)
     if tcfg.torch_compile == "auto":
-        per_epoch = math.ceil(train_examples / (recipe.train.micro_batch_size * processes))
-        recipe, decision = _compile(recipe, per_epoch, fsdp)
+        recipe, decision = _compile(recipe, train_examples, processes, fsdp)
         decisions.append(decision)
     return recipe, decisions
+
+
+def run_length(recipe: Recipe, train_examples: int, processes: int = 1) -> tuple[int, int]:
+    """Optimizer steps and micro-batches (per process) of a run over `train_examples` rows (or
+    pairs) an epoch."""
+    tcfg = recipe.train
+    per_epoch = math.ceil(train_examples / (tcfg.micro_batch_size * processes))
+    steps = count_optimizer_steps(tcfg, per_epoch)
+    return steps, steps * tcfg.gradient_accumulation_steps
 
 
 def _fits(recipe: Recipe, config: PretrainedConfig, budget: int, **kwargs) -> bool:
@@ -170,11 +179,12 @@ def _checkpointing(recipe: Recipe, config, budget: int, **kwargs) -> tuple[Recip
     raise AssertionError("unreachable: every == 1 always decides")
 
 
-def _compile(recipe: Recipe, micro_batches_per_epoch: int, fsdp: bool) -> tuple[Recipe, Decision]:
+def _compile(
+    recipe: Recipe, train_examples: int, processes: int, fsdp: bool
+) -> tuple[Recipe, Decision]:
     """Compile when the run is long enough to pay the compilation back (`advice`'s
     COMPILE_PAYS_OFF_MICRO_BATCHES, measured), never under FSDP."""
-    steps = count_optimizer_steps(recipe.train, micro_batches_per_epoch)
-    micro_batches = steps * recipe.train.gradient_accumulation_steps
+    _, micro_batches = run_length(recipe, train_examples, processes)
     long_enough = micro_batches >= COMPILE_PAYS_OFF_MICRO_BATCHES
     on = long_enough and not fsdp and compiler_found()
     if fsdp:

@@ -9,7 +9,6 @@ does not fit, the `auto` values, and with `--probe` a time estimate from a few r
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,10 +40,10 @@ from lorakit.planning import (
     parse_size,
     plan_of,
     resolve_auto,
+    run_length,
     sized,
 )
 from lorakit.recipe import Recipe, load_recipe
-from lorakit.training.optim import count_optimizer_steps
 
 
 @dataclass(frozen=True)
@@ -98,8 +97,7 @@ def plan(
     )
     memory = plan_of(resolved, config, **shape)
     layout = {key: shape[key] for key in ("device", "processes", "fsdp")}
-    per_epoch = math.ceil(data.examples / (resolved.train.micro_batch_size * options.gpus))
-    steps = count_optimizer_steps(resolved.train, per_epoch)
+    steps, micro_batches = run_length(resolved, data.examples, options.gpus)
     report = PlanReport(
         recipe=resolved,
         plan=memory,
@@ -112,7 +110,7 @@ def plan(
         ),
         largest_seq_len=largest_seq_len(resolved, config, budget, **layout),
         steps=steps,
-        micro_batches=steps * resolved.train.gradient_accumulation_steps,
+        micro_batches=micro_batches,
     )
     if options.probe and report.fits:
         report.seconds_per_micro_batch = probe(resolved, device)
