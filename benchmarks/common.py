@@ -140,27 +140,15 @@ def peak_rss_mb() -> float:
     return max(peak, _PEAK_BEFORE_RESET_MB)
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM, which ru_maxrss reads too) to the current RSS,
     keeping the peak so far for `peak_rss_mb`; False where the kernel does not allow it (not
     Linux): the sampled peak is all there is then."""
+    from lorakit.files import reset_peak_mark
+
     global _PEAK_BEFORE_RESET_MB
     before = peak_rss_mb()
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
+    if not reset_peak_mark():
         return False
     _PEAK_BEFORE_RESET_MB = before
     return True
@@ -196,9 +184,10 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        high_water = _status_kib("VmHWM") if getattr(self, "_exact", False) else None
-        if high_water is not None:
-            self.peak = max(self.peak, high_water * 1024)
+        if getattr(self, "_exact", False):
+            from lorakit.files import status_bytes
+
+            self.peak = max(self.peak, status_bytes("VmHWM") or 0)
 
     @property
     def peak_mb(self) -> float:

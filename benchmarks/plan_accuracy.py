@@ -61,6 +61,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lorakit.files import reset_peak_mark, status_bytes  # noqa: E402  (no torch: measured first)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "RESULT "
 MiB = 2**20
@@ -123,13 +125,6 @@ SETTINGS = [
 # --- The child: one training run, measured ----------------------------------------------------
 
 
-def status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def child(recipe_json: str, trim: bool) -> None:
     """`trim`: collect garbage and hand glibc's free heap memory back before the loop (what a
     run with the default allocator policy could do after loading)."""
@@ -153,7 +148,7 @@ def child(recipe_json: str, trim: bool) -> None:
                 gc.collect()
                 ctypes.CDLL("libc.so.6").malloc_trim(0)
             marks["loop_start"] = status_bytes("VmRSS")
-            Path("/proc/self/clear_refs").write_text("5")
+            reset_peak_mark()
         return forward_backward(*args, **kwargs)
 
     class StepMarks(module.MetricsLog):

@@ -1,6 +1,6 @@
 """Files on disk, for every part of lorakit: the cache root, content digests, writes that never
 leave a half-written file or folder behind, the writability probe run before anything slow, and
-telling a local path from a hub id.
+telling a local path from a hub id, and the process's resident-memory marks (/proc/self).
 
 Nothing here knows about models, data or runs; they all build on it.
 """
@@ -120,3 +120,25 @@ def check_writable(path: Path, what: str) -> None:
         raise LorakitError(
             f"{what}: cannot write {path}: creating a file in {existing} failed ({exc.strerror})"
         ) from None
+
+
+def status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (`VmRSS`, `VmHWM`: the resident set and its
+    high-water mark) in bytes; None where there is no such file (not Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_mark() -> bool:
+    """Reset the kernel's resident-set high-water mark (VmHWM) to the current resident set;
+    False where the kernel does not allow it (not Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True

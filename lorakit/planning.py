@@ -16,6 +16,7 @@ from transformers import PretrainedConfig
 
 from lorakit.advice import COMPILE_PAYS_OFF_MICRO_BATCHES
 from lorakit.errors import LorakitError
+from lorakit.files import reset_peak_mark, status_bytes
 from lorakit.memory_plan import GiB, MemoryPlan, estimate, levers, with_values
 from lorakit.recipe import Recipe
 from lorakit.training.optim import count_optimizer_steps
@@ -260,19 +261,10 @@ class PeakMeter:
     def start(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        except OSError:
+        elif not reset_peak_mark():
             self.scope = "process"  # the whole process's peak, loading included
 
     def peak(self) -> int | None:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return None
+        return status_bytes("VmHWM")
